@@ -1,0 +1,17 @@
+# `make demo`: set up everything, then compare plain and speculative decoding on the embedded model.
+# `make test`: set up everything, then run the whole test suite (fast and slow groups).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-fast
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/quickdraft demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"

@@ -1,0 +1,85 @@
+"""The drafter interface: propose a tree of guesses, learn from what the target accepted.
+
+A drafter declares in ``needs`` what it requires from the engine (never the other way round: the engine does
+not branch on drafter names). Known needs:
+
+- ``"target_logits"``: :class:`StepOutcome.logits` holds the target's logits for every verified row.
+- ``"hidden_states"``: the target's hidden states (layers in ``hidden_layers``) are returned each step.
+- ``"target_session"``: :class:`DraftContext.target` is the target's session (self-speculation).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from quickdraft.models.base import TargetModel, TargetSession
+from quickdraft.types import DraftTree, SamplingParams, VerifyResult
+
+
+@dataclass
+class DraftContext:
+    """What a drafter sees of the sequence being generated.
+
+    ``tokens`` are the prompt and every committed token so far; the last one is the root of the next tree.
+    """
+
+    tokens: list[int]
+    prompt_len: int
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    target: TargetSession | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+
+@dataclass
+class StepOutcome:
+    """One verification step as a drafter may learn from it."""
+
+    tree: DraftTree
+    result: VerifyResult
+    logits: torch.Tensor | None = None  # [N + 1, V], when the drafter needs "target_logits"
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # when it needs "hidden_states"
+
+
+@dataclass
+class DrafterSetup:
+    """What a drafter may use to build itself: the target, its tokenizer, and user options
+    (``--drafter-option key=value`` on the command line, ``drafter_options`` in the API)."""
+
+    target: TargetModel
+    tokenizer: Any
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Drafter(ABC):
+    """Base class of every drafter. Subclasses register with :func:`quickdraft.drafters.register`."""
+
+    name: ClassVar[str] = "?"
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: Target layers whose hidden states the drafter wants (with the "hidden_states" need).
+    hidden_layers: tuple[int, ...] = ()
+
+    @classmethod
+    def from_setup(cls, setup: DrafterSetup) -> Drafter:
+        """Build the drafter; the default passes the user's options as keyword arguments."""
+        return cls(**setup.options)
+
+    def begin(self, ctx: DraftContext) -> None:
+        """A new request starts; ``ctx.tokens`` is its prompt."""
+
+    @abstractmethod
+    def propose(self, ctx: DraftContext, budget: int) -> DraftTree:
+        """A tree of at most ``budget`` draft tokens continuing ``ctx.tokens`` (may be empty)."""
+
+    def observe(self, ctx: DraftContext, outcome: StepOutcome) -> None:
+        """Learn from a verification step; ``ctx.tokens`` already includes the committed tokens."""
+
+    def end(self) -> None:
+        """The request is over: free per-request state (cross-request state may stay, bounded)."""

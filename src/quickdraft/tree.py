@@ -1,0 +1,49 @@
+"""Operations on :class:`~quickdraft.types.DraftTree`: depths, children, the tree attention mask."""
+
+from __future__ import annotations
+
+import torch
+
+from quickdraft.types import DraftTree
+
+
+def depths(tree: DraftTree) -> torch.Tensor:
+    """Depth of each node: 1 for a child of the root, 2 for a grandchild, ..."""
+    result = torch.zeros(tree.size, dtype=torch.long)
+    parents = tree.parents.tolist()
+    for i, parent in enumerate(parents):
+        result[i] = 1 if parent < 0 else result[parent] + 1
+    return result
+
+
+def children(tree: DraftTree) -> list[list[int]]:
+    """``children(tree)[0]`` lists the root's children; ``[i + 1]`` lists node ``i``'s, in sibling order."""
+    result: list[list[int]] = [[] for _ in range(tree.size + 1)]
+    for i, parent in enumerate(tree.parents.tolist()):
+        result[parent + 1].append(i)
+    return result
+
+
+def verification_mask(tree: DraftTree) -> torch.Tensor:
+    """Attention mask among the rows of a verification forward: row 0 is the root (last committed
+    token), row ``i + 1`` is node ``i``. ``mask[r, c]`` is True when row ``r`` may attend to row ``c``,
+    i.e. ``c`` is ``r`` itself or one of its ancestors. Shape ``[N + 1, N + 1]``."""
+    n = tree.size
+    mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+    mask[:, 0] = True
+    mask[0, 0] = True
+    for i, parent in enumerate(tree.parents.tolist()):
+        row = i + 1
+        mask[row] = mask[parent + 1]
+        mask[row, row] = True
+    return mask
+
+
+def verification_tokens(root_token: int, tree: DraftTree) -> torch.Tensor:
+    """The input rows of a verification forward: the root token followed by the draft tokens."""
+    return torch.cat([torch.tensor([root_token], dtype=torch.long), tree.tokens])
+
+
+def verification_positions(start: int, tree: DraftTree) -> torch.Tensor:
+    """Absolute positions of the verification rows when the root sits at position ``start``."""
+    return torch.cat([torch.zeros(1, dtype=torch.long), depths(tree)]) + start
