@@ -166,7 +166,10 @@ class VerifyResult:
 
 @dataclass
 class GenerationStats:
-    """Counts for one generation; ``tau`` is committed tokens per target forward (see module docstring)."""
+    """Counts for one generation; ``tau`` is committed tokens per target forward (see module docstring).
+
+    ``new_tokens`` counts committed tokens up to and including an EOS token (which the returned text and
+    ids leave out) and never past ``max_new_tokens``."""
 
     new_tokens: int = 0
     target_forwards: int = 0

