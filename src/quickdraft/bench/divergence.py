@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from quickdraft.bench.harness import BenchRun
+from quickdraft.bench.runners import engine_target
 
 #: context ids -> (top-1 logit minus top-2 logit, top-1 token, top-2 token) of the next position.
 GapFn = Callable[[list[int]], tuple[float, int, int]]
@@ -114,11 +115,11 @@ def top2_gap_of(logits: torch.Tensor) -> tuple[float, int, int]:
 def engine_gap_fn(engine: Any) -> GapFn:
     """A :data:`GapFn` that runs one forward of the engine's target model over the context.
 
-    It uses the engine's own target (``engine.target``, a :class:`~quickdraft.models.base.TargetModel`)
-    where the engine exposes one, so the logits are those the engine decodes with; otherwise the
-    transformers model ``engine.hf_model``.
+    It uses the engine's own target (a :class:`~quickdraft.models.base.TargetModel`, see
+    :func:`~quickdraft.bench.runners.engine_target`) where the engine exposes one, so the logits are those
+    the engine decodes with; otherwise the transformers model ``engine.hf_model``.
     """
-    target = getattr(engine, "target", None)
+    target = engine_target(engine)
 
     def via_target(context: list[int]) -> tuple[float, int, int]:
         session = target.new_session(len(context) + 8)

@@ -127,12 +127,12 @@ def render_table(report: BenchReport, console: Any = None, max_divergences: int 
     console = console or Console()
     groups = report.groups
     settings = report.settings
-    title = (
+    console.print(
         f"quickdraft bench: {settings.get('model', '?')} ({settings.get('dtype', '?')}, "
         f"{settings.get('device', '?')}), {settings.get('max_new_tokens', '?')} new tokens, "
         f"temperature {settings.get('temperature', '?')}"
     )
-    table = Table(title=title, title_justify="left")
+    table = Table()
     table.add_column("method")
     table.add_column("tok/s", justify="right")
     table.add_column("speedup", justify="right")
@@ -185,7 +185,7 @@ def plot_speedups(report: BenchReport, path: str | Path) -> None:
 
     groups = report.groups + [OVERALL]
     methods = list(report.metrics)
-    figure = Figure(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(methods)) / 2), 4.5))
+    figure = Figure(figsize=(min(16.0, max(6.0, 1.5 + 0.3 * len(groups) * max(1, len(methods)))), 4.5))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     width = 0.8 / max(1, len(methods))

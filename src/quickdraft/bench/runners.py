@@ -15,7 +15,7 @@ tokens up to but excluding the first end-of-sequence token.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -74,6 +74,23 @@ def cut_at_eos(token_ids: Iterable[int], eos_ids: Iterable[int]) -> list[int]:
     return out
 
 
+def engine_target(engine: Any) -> Any:
+    """The engine's :class:`~quickdraft.models.base.TargetModel` (``engine.target`` or
+    ``engine.loaded.target``), or None if it exposes none."""
+    target = getattr(engine, "target", None)
+    if target is None:
+        target = getattr(getattr(engine, "loaded", None), "target", None)
+    return target if target is not None and hasattr(target, "new_session") else None
+
+
+def engine_eos_ids(engine: Any) -> list[int]:
+    """The end-of-sequence ids the engine stops on (``engine.eos_token_ids`` if it has them)."""
+    ids = getattr(engine, "eos_token_ids", None)
+    if ids:
+        return sorted(int(t) for t in ids)
+    return eos_token_ids(engine.tokenizer, engine.hf_model)
+
+
 def eos_token_ids(tokenizer: Any, hf_model: Any = None) -> list[int]:
     """End-of-sequence ids: the tokenizer's, and those in the model's generation config."""
     ids: list[int] = []
@@ -126,11 +143,12 @@ class HFRunner:
         prompt_lookup_num_tokens: int | None = None,
         assistant_model: Any = None,
         assistant_tokenizer: Any = None,
+        eos_ids: Iterable[int] | None = None,
     ) -> None:
         self.name = name
         self.model = hf_model
         self.tokenizer = tokenizer
-        self.eos_ids = eos_token_ids(tokenizer, hf_model)
+        self.eos_ids = list(eos_ids) if eos_ids is not None else eos_token_ids(tokenizer, hf_model)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
         self.extra: dict[str, Any] = {}
@@ -282,6 +300,27 @@ def split_methods(spec: str | Iterable[str]) -> list[str]:
     return [BASELINE] + [n for n in names if n != BASELINE]
 
 
+def check_methods(methods: Sequence[str], *, draft_model: str | None = None) -> None:
+    """Fail early (before any model loads) on a method that cannot run."""
+    from quickdraft.drafters import available_drafters, drafter_class
+    from quickdraft.errors import UnknownDrafterError
+
+    for name in methods:
+        if name == BASELINE or name in PEERS:
+            continue
+        try:
+            drafter_class(name)
+        except UnknownDrafterError:
+            raise InvalidRequestError(
+                f"unknown method {name!r}; choose from ar, {', '.join(PEERS)}, or a drafter: "
+                f"{', '.join(available_drafters())}"
+            ) from None
+    if "hf-assisted" in methods and not draft_model:
+        raise InvalidRequestError("method 'hf-assisted' needs a draft model: pass --draft-model PATH")
+    if "llamacpp" in methods:
+        import_llama()
+
+
 def build_runners(
     engine: Any,
     methods: list[str],
@@ -298,14 +337,17 @@ def build_runners(
     drafter_options = drafter_options or {}
     runners: list[MethodRunner] = []
     draft: tuple[Any, Any] | None = None
+    eos = engine_eos_ids(engine)
     for name in methods:
         if name == BASELINE:
             runners.append(EngineRunner(name, engine.with_drafter(None)))
         elif name == "hf":
-            runners.append(HFRunner(name, engine.hf_model, engine.tokenizer))
+            runners.append(HFRunner(name, engine.hf_model, engine.tokenizer, eos_ids=eos))
         elif name == "hf-pld":
             runners.append(
-                HFRunner(name, engine.hf_model, engine.tokenizer, prompt_lookup_num_tokens=PLD_NUM_TOKENS)
+                HFRunner(
+                    name, engine.hf_model, engine.tokenizer, prompt_lookup_num_tokens=PLD_NUM_TOKENS, eos_ids=eos
+                )
             )
         elif name == "hf-assisted":
             if not draft_model:
@@ -321,6 +363,7 @@ def build_runners(
                     engine.tokenizer,
                     assistant_model=draft_hf,
                     assistant_tokenizer=None if same_vocab else draft_tokenizer,
+                    eos_ids=eos,
                 )
             )
         elif name == "llamacpp":
@@ -328,7 +371,7 @@ def build_runners(
             runners.append(
                 LlamaCppRunner(
                     str(engine.model_path),
-                    eos_ids=eos_token_ids(engine.tokenizer, engine.hf_model),
+                    eos_ids=eos,
                     n_threads=llamacpp_threads,
                     n_gpu_layers=-1 if device.type == "cuda" else 0,
                     seed=seed,

@@ -14,6 +14,9 @@ _REGISTRY: dict[str, type[Drafter]] = {}
 _BUILTIN_MODULES = (
     "quickdraft.drafters.ngram",
     "quickdraft.drafters.draft_model",
+    "quickdraft.drafters.suffix",
+    "quickdraft.drafters.recycle",
+    "quickdraft.drafters.lookahead",
 )
 
 

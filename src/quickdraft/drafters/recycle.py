@@ -192,7 +192,10 @@ class RecycleDrafter(Drafter):
             if len(tokens) >= budget:
                 break
             tree_parent = -1 if parent < 0 else placed[parent]
-            token = -1 if tree_parent == _SKIPPED else self._child(root if tree_parent < 0 else tokens[tree_parent], rank)
+            if tree_parent == _SKIPPED:
+                placed.append(_SKIPPED)
+                continue
+            token = self._child(root if tree_parent < 0 else tokens[tree_parent], rank)
             if token < 0 or (tree_parent, token) in seen:
                 placed.append(_SKIPPED)
                 continue

@@ -18,6 +18,8 @@ requests (at most about 60 bytes per corpus token; see
 
 from __future__ import annotations
 
+import heapq
+
 from quickdraft.drafters import register
 from quickdraft.drafters.base import DraftContext, Drafter, StepOutcome
 from quickdraft.drafters.datastore import (
@@ -124,11 +126,8 @@ class SuffixDrafter(Drafter):
         primary = automaton.continuation(anchor_pos, self.max_depth)
         first = primary[0] if primary else None
         others = [(automaton.endpos_of(t), tok) for tok, t in automaton.edges(state) if tok != first and tok >= 0]
-        others.sort(reverse=True)
-        sides = [
-            [tok] + automaton.continuation(pos, self.branch_depth - 1)
-            for pos, tok in others[: self.max_branches - 1]
-        ]
+        recent = heapq.nlargest(self.max_branches - 1, others)
+        sides = [[tok] + automaton.continuation(pos, self.branch_depth - 1) for pos, tok in recent]
         return primary, sides
 
 

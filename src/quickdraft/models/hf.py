@@ -69,7 +69,8 @@ class HFSession(TargetSession):
         return self._forward(token_ids)[-1]
 
     def truncate(self, length: int) -> None:
-        self.cache.crop(length)
+        if length < self.length:
+            self.cache.crop(length - self.length)  # a negative count removes that many trailing tokens
         self.length = length
 
     def verify(self, root: int, tree: DraftTree, hidden_layers: tuple[int, ...] = ()) -> ForwardOutput:

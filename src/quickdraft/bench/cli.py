@@ -1,0 +1,299 @@
+"""Command-line front ends of ``quickdraft bench`` and ``quickdraft profile``.
+
+The main CLI wires them in as subcommands::
+
+    sub = subparsers.add_parser("bench", help=BENCH_HELP, description=BENCH_DESCRIPTION)
+    add_bench_arguments(sub); sub.set_defaults(func=bench_main)
+    sub = subparsers.add_parser("profile", help=PROFILE_HELP, description=PROFILE_DESCRIPTION)
+    add_profile_arguments(sub); sub.set_defaults(func=profile_main)
+
+Both mains return an exit code: 0 on success, 2 for a :class:`~quickdraft.errors.QuickdraftError` (printed
+in red, without a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from quickdraft.errors import InvalidRequestError, QuickdraftError
+
+BENCH_HELP = "compare decoding methods on Spec-Bench-style prompts (speed, tau, losslessness)"
+BENCH_DESCRIPTION = (
+    "Benchmark quickdraft's plain decoding (ar, the baseline), its drafters and peer libraries on one loaded "
+    "model. Speedup = a method's aggregate tokens/s (total new tokens / total seconds) over ar's in the same "
+    "run; tau = tokens committed per target forward. Every method's tokens are compared with ar's."
+)
+PROFILE_HELP = "measure the target's verification cost curve c(k) on this hardware"
+PROFILE_DESCRIPTION = (
+    "Time one target forward over k new tokens on a ~300-token context, relative to k = 1 (median of several "
+    "repeats); optionally rate each method of a bench JSON against the bound tau / (c(k) + draft cost)."
+)
+DEFAULT_METHODS = "ar,hf,hf-pld,ngram"
+
+
+def add_common_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="local model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``quickdraft bench``."""
+    add_common_model_arguments(parser)
+    parser.add_argument("--dataset", metavar="PATH", default=None,
+                        help="Spec-Bench-format JSONL (question_id, category, turns per line); default: the built-in prompt set")
+    parser.add_argument("--per-category", metavar="N", type=int, default=None,
+                        help="first N questions of each task group (MT-Bench's 8 categories count as one group, "
+                             "'multi-turn'); default: all")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help="comma-separated: ar (baseline, always run), any registered drafter, hf, hf-pld, "
+                             f"hf-assisted (needs --draft-model), llamacpp (default: {DEFAULT_METHODS})")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per answer (default: 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with temperature > 0 (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--draft-model", metavar="PATH", default=None, help="draft model for hf-assisted")
+    parser.add_argument("--drafter-option", metavar="[METHOD:]KEY=VALUE", action="append", default=[],
+                        help="option for a drafter method (repeatable); without METHOD: for every drafter method. "
+                             "VALUE is read as JSON when it parses (numbers, true/false), else as a string")
+    parser.add_argument("--warmup-tokens", type=int, default=None,
+                        help="length of each method's untimed warm-up generation (default: --max-new-tokens)")
+    parser.add_argument("--llamacpp-threads", type=int, default=None, help="threads for llamacpp (default: torch's)")
+    parser.add_argument("--json", metavar="OUT", default=None, help="write the report as JSON")
+    parser.add_argument("--plot", metavar="OUT.png", default=None, help="write a bar chart of speedup per task group")
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``quickdraft profile``."""
+    add_common_model_arguments(parser)
+    parser.add_argument("--ks", default=None, help="comma-separated k values, e.g. 1,2,4,8,16,32,64 (default: 1..64)")
+    parser.add_argument("--context", type=int, default=300, help="tokens already in the KV cache (default: 300)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per k; the median is kept (default: 7)")
+    parser.add_argument("--backend", choices=("auto", "engine", "hf"), default="auto",
+                        help="engine: the engine's own verification forward; hf: a transformers forward "
+                             "(default: auto, the engine's where available)")
+    parser.add_argument("--json", metavar="OUT", default=None, help="write the curve as JSON")
+    parser.add_argument("--bench-json", metavar="FILE", default=None,
+                        help="a quickdraft bench --json report: print each method's efficiency against its bound")
+    parser.add_argument("--curve", metavar="FILE", default=None,
+                        help="use a curve saved by profile --json instead of measuring (no model is loaded)")
+
+
+def parse_drafter_options(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["ngram:n=3", "k=4"]`` -> per-method option dicts (an unscoped option goes to every drafter method)."""
+    from quickdraft.bench.runners import BASELINE, PEERS
+
+    drafters = [m for m in methods if m != BASELINE and m not in PEERS]
+    options: dict[str, dict[str, Any]] = {m: {} for m in drafters}
+    for item in items:
+        if "=" not in item:
+            raise InvalidRequestError(f"--drafter-option {item!r} must look like KEY=VALUE or METHOD:KEY=VALUE")
+        left, raw = item.split("=", 1)
+        method, _, key = left.rpartition(":")
+        if not key:
+            raise InvalidRequestError(f"--drafter-option {item!r} has no key")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        targets = [method] if method else drafters
+        for target in targets:
+            if target not in options:
+                raise InvalidRequestError(
+                    f"--drafter-option {item!r} names {target!r}, which is not a drafter method in --methods"
+                )
+            options[target][key] = value
+    return {m: o for m, o in options.items() if o}
+
+
+def _error(message: str) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[bold red]error:[/bold red] [red]{escape(message)}[/red]")
+    return 2
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    """Run ``quickdraft bench`` with parsed ``args``; returns the exit code."""
+    try:
+        return _bench(args)
+    except QuickdraftError as error:
+        return _error(str(error))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from quickdraft.bench.dataset import load_questions
+    from quickdraft.bench.harness import count_generations
+    from quickdraft.bench.report import plot_speedups, render_table
+    from quickdraft.bench.run import run_bench
+    from quickdraft.bench.runners import check_methods, split_methods
+    from quickdraft.types import SamplingParams
+
+    console = Console()
+    if args.max_new_tokens < 1:
+        raise InvalidRequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    questions = load_questions(args.dataset, args.per_category)
+    methods = split_methods(args.methods)
+    check_methods(methods, draft_model=args.draft_model)
+    options = parse_drafter_options(args.drafter_option, methods)
+
+    from quickdraft.engine import Engine
+
+    with console.status("loading the model ..."):
+        engine = Engine.from_pretrained(args.model, None, dtype=args.dtype, device=args.device)
+    settings = {
+        "dataset": args.dataset or "built-in",
+        "per_category": args.per_category,
+        "method_order": methods,
+        "command": list(getattr(args, "argv", None) or sys.argv),
+    }
+    total = count_generations(questions, len(methods))
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("building methods", total=total)
+
+        def advance(method: str, label: str) -> None:
+            progress.update(task, advance=1, description=f"{method:>12} {label}")
+
+        report = run_bench(
+            engine,
+            questions,
+            methods,
+            max_new_tokens=args.max_new_tokens,
+            params=params,
+            draft_model=args.draft_model,
+            drafter_options=options,
+            warmup_tokens=args.warmup_tokens,
+            llamacpp_threads=args.llamacpp_threads,
+            on_generation=advance,
+            settings=settings,
+        )
+    render_table(report, console)
+    if args.json:
+        report.write_json(args.json)
+        console.print(f"wrote {args.json}")
+    if args.plot:
+        plot_speedups(report, args.plot)
+        console.print(f"wrote {args.plot}")
+    return 0
+
+
+def profile_main(args: argparse.Namespace) -> int:
+    """Run ``quickdraft profile`` with parsed ``args``; returns the exit code."""
+    try:
+        return _profile(args)
+    except QuickdraftError as error:
+        return _error(str(error))
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from quickdraft.bench import profile as prof
+
+    console = Console()
+    bench = prof.read_bench_json(args.bench_json) if args.bench_json else None
+    if args.curve:
+        saved = prof.read_bench_json(args.curve)
+        try:
+            curve = [prof.CostPoint(int(p["k"]), float(p["seconds"]), float(p["cost"])) for p in saved["curve"]]
+        except (KeyError, TypeError, ValueError):
+            raise InvalidRequestError(f"{args.curve!r} is not a curve written by quickdraft profile --json") from None
+        settings = {k: v for k, v in saved.items() if k != "curve"}
+    else:
+        ks = prof.parse_ks(args.ks)
+        if args.context < 1:
+            raise InvalidRequestError(f"--context must be >= 1, got {args.context}")
+        from quickdraft.bench.report import hardware_info
+        from quickdraft.bench.run import dtype_name
+        from quickdraft.engine import Engine
+
+        with console.status("loading the model ..."):
+            engine = Engine.from_pretrained(args.model, None, dtype=args.dtype, device=args.device)
+        timer = prof.make_timer(engine, ks, args.backend, args.context)
+        with Progress(TextColumn("timing forwards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as progress:
+            task = progress.add_task("profile", total=args.repeats * len(ks))
+            curve = prof.measure_cost_curve(
+                timer, ks, args.repeats, on_measure=lambda k: progress.update(task, advance=1)
+            )
+        settings = {
+            "model": str(engine.model_path),
+            "dtype": dtype_name(engine.dtype),
+            "device": str(engine.device),
+            "hardware": hardware_info(engine.device),
+            "context": args.context,
+            "repeats": args.repeats,
+            "backend": timer.name,
+        }
+
+    console.print(f"model {settings.get('model', '?')} ({settings.get('dtype', '?')}, {settings.get('device', '?')}); "
+                  f"forward: {settings.get('backend', '?')}; context {settings.get('context', '?')} tokens, "
+                  f"median of {settings.get('repeats', '?')}")
+    table = Table(title="verification cost c(k)", title_justify="left")
+    table.add_column("k", justify="right")
+    table.add_column("ms", justify="right")
+    table.add_column("c(k)", justify="right")
+    for point in curve:
+        table.add_row(str(point.k), f"{point.seconds * 1000:.2f}", f"{point.cost:.2f}")
+    console.print(table)
+    if args.json and not args.curve:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(prof.curve_to_json(curve, settings), indent=2) + "\n")
+        console.print(f"wrote {args.json}")
+
+    if bench is not None:
+        for key in ("model", "dtype", "device"):
+            if key in bench and key in settings and bench[key] != settings[key]:
+                console.print(f"[yellow]note: the bench ran with {key} {bench[key]!r}, this curve with {settings[key]!r}[/yellow]")
+        rows = prof.efficiency_table(bench, curve)
+        eff = Table(title="efficiency = measured speedup / (tau / (c(k) + d))", title_justify="left")
+        for column in ("method", "speedup", "tau", "k", "c(k)", "d", "bound", "efficiency", "assumed"):
+            eff.add_column(column, justify="left" if column in ("method", "assumed") else "right")
+
+        def fmt(value: Any, spec: str = ".2f") -> str:
+            return "-" if value is None else f"{value:{spec}}"
+
+        for row in rows:
+            eff.add_row(row["method"], fmt(row["speedup"]), fmt(row["tau"]), fmt(row["k"]), fmt(row["cost"]),
+                        fmt(row["draft_cost"]), fmt(row["bound"]), fmt(row["efficiency"]), "; ".join(row["assumed"]))
+        console.print(eff)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry (``python -m quickdraft.bench.cli bench|profile ...``) until the main CLI wires these in."""
+    parser = argparse.ArgumentParser(prog="quickdraft")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help=BENCH_HELP, description=BENCH_DESCRIPTION)
+    add_bench_arguments(bench)
+    bench.set_defaults(func=bench_main)
+    profile = sub.add_parser("profile", help=PROFILE_HELP, description=PROFILE_DESCRIPTION)
+    add_profile_arguments(profile)
+    profile.set_defaults(func=profile_main)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = ["quickdraft", *argv]
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

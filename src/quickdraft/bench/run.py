@@ -1,0 +1,98 @@
+"""``run_bench``: build the method runners, run the interleaved loop, aggregate and compare."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from quickdraft.bench.dataset import Question
+from quickdraft.bench.divergence import GapFn, compare_to_baseline, engine_gap_fn
+from quickdraft.bench.harness import Conversation, EngineConversation, run_loop
+from quickdraft.bench.metrics import aggregate
+from quickdraft.bench.report import BenchReport, hardware_info
+from quickdraft.bench.runners import MethodRunner, build_runners, split_methods
+from quickdraft.errors import InvalidRequestError
+from quickdraft.types import SamplingParams
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def engine_settings(engine: Any) -> dict[str, Any]:
+    """The report's description of the engine: model path, dtype, device, hardware."""
+    return {
+        "model": str(engine.model_path),
+        "dtype": dtype_name(engine.dtype),
+        "device": str(engine.device),
+        "hardware": hardware_info(engine.device),
+    }
+
+
+def run_bench(
+    engine: Any,
+    questions: Sequence[Question],
+    methods: str | Sequence[str] = "ar",
+    *,
+    max_new_tokens: int = 128,
+    params: SamplingParams | None = None,
+    draft_model: str | None = None,
+    drafter_options: dict[str, dict[str, Any]] | None = None,
+    warmup_tokens: int | None = None,
+    llamacpp_threads: int | None = None,
+    on_generation: Callable[[str, str], None] | None = None,
+    settings: dict[str, Any] | None = None,
+    runners: Sequence[MethodRunner] | None = None,
+    conversation: Conversation | None = None,
+    gap_fn: GapFn | None = None,
+) -> BenchReport:
+    """Benchmark ``methods`` on ``questions`` with one loaded ``engine`` and return the report.
+
+    ``methods``: ``"ar,hf,ngram"`` or a list; ``ar`` is always run (first) as the baseline. Tests (or other
+    callers) may pass ready ``runners``, a ``conversation`` and a ``gap_fn`` instead of an engine.
+    ``drafter_options`` maps a drafter method's name to its options.
+    """
+    if not questions:
+        raise InvalidRequestError("no questions to benchmark")
+    params = params or SamplingParams()
+    if runners is None:
+        if engine is None:
+            raise InvalidRequestError("run_bench needs an engine or ready runners")
+        names = split_methods(methods)
+        runners = build_runners(
+            engine,
+            names,
+            draft_model=draft_model,
+            drafter_options=drafter_options,
+            seed=params.seed,
+            llamacpp_threads=llamacpp_threads,
+        )
+    if conversation is None:
+        if engine is None:
+            raise InvalidRequestError("run_bench needs an engine or a conversation")
+        conversation = EngineConversation(engine)
+    if gap_fn is None and engine is not None:
+        gap_fn = engine_gap_fn(engine)
+
+    run = run_loop(
+        questions,
+        runners,
+        conversation,
+        max_new_tokens=max_new_tokens,
+        params=params,
+        warmup_tokens=warmup_tokens,
+        on_generation=on_generation,
+    )
+    full_settings: dict[str, Any] = engine_settings(engine) if engine is not None else {}
+    full_settings.update(
+        max_new_tokens=max_new_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        min_p=params.min_p,
+        seed=params.seed,
+        questions=len(questions),
+        baseline=run.baseline,
+    )
+    full_settings.update(settings or {})
+    return BenchReport(run, aggregate(run), compare_to_baseline(run, gap_fn), full_settings)

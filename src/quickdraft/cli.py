@@ -1,0 +1,187 @@
+"""The ``quickdraft`` command: generate | demo | bench | profile | index | serve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from quickdraft.errors import QuickdraftError
+
+console = Console(stderr=True)
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``key=value`` with value read as int, float, true/false or else a string."""
+    if "=" not in text:
+        raise QuickdraftError(f"--drafter-option expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    for convert in (int, float):
+        try:
+            return key, convert(raw)
+        except ValueError:
+            pass
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return key, lowered == "true"
+    return key, raw
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it), float32, bfloat16, float16")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def add_drafter_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--drafter", default="ngram", help="drafter name, or 'none' for plain decoding")
+    parser.add_argument("--drafter-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="option passed to the drafter (repeatable), e.g. model=PATH for --drafter draft")
+    parser.add_argument("--draft-budget", type=int, default=None, help="draft tokens verified per step")
+
+
+def _drafter_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(parse_option(item) for item in args.drafter_option)
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+            "seed": args.seed}
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from quickdraft.engine import Engine
+    from quickdraft.types import SamplingParams
+
+    SamplingParams(**_sampling(args))
+    if not args.prompt.strip():
+        raise QuickdraftError("the prompt is empty; pass --prompt TEXT")
+    engine = Engine.from_pretrained(args.model, args.drafter, args.dtype, args.device, _drafter_options(args),
+                                    args.draft_budget)
+    ids = engine.encode_prompt(args.prompt)
+    run = engine.start(ids, args.max_new_tokens, SamplingParams(**_sampling(args)), args.stop)
+    for chunk in run.chunks():
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    stats = run.result().stats
+    console.print(f"[dim]{stats.new_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, "
+                  f"tau {stats.tau:.2f}, drafter {stats.drafter}, dtype {str(engine.dtype).replace('torch.', '')}[/dim]")
+    return 0
+
+
+DEMO_PROMPTS = [
+    "Summarize in two sentences: The library will close for renovation from June to August. During this time, "
+    "books can be returned at the community center, and the mobile library will visit each neighbourhood "
+    "once a week. The renovated library will have a larger children's area, a cafe and twenty new computers.",
+    "Rewrite this code so that the variable names are descriptive:\n\ndef f(a, b):\n    c = 0\n    for d in a:\n"
+    "        if d > b:\n            c += d\n    return c\n",
+    "What are three tips for staying focused while studying?",
+]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Plain decoding vs speculative decoding on a few built-in prompts, side by side."""
+    import torch
+
+    from quickdraft.engine import Engine
+
+    base = Engine.from_pretrained(args.model, None, args.dtype, args.device)
+    methods = {"ar": base, args.drafter: base.with_drafter(args.drafter, _drafter_options(args), args.draft_budget)}
+    totals = {name: [0, 0.0, 0] for name in methods}
+    identical = 0
+    for prompt in DEMO_PROMPTS:
+        ids = base.encode_prompt(prompt)
+        outputs = {}
+        for name, engine in methods.items():
+            started = time.perf_counter()
+            result = engine.generate_ids(ids, args.max_new_tokens)
+            totals[name][0] += result.stats.new_tokens
+            totals[name][1] += time.perf_counter() - started
+            totals[name][2] += result.stats.target_forwards
+            outputs[name] = result.token_ids
+        identical += outputs["ar"] == outputs[args.drafter]
+    _print_demo_table(totals, identical, len(DEMO_PROMPTS), str(base.dtype).replace("torch.", ""))
+    exact = base.dtype == torch.float32 or base.loaded.target.row_invariant
+    if exact and identical < len(DEMO_PROMPTS):
+        console.print("[bold red]speculative output differs from plain decoding: please report this bug[/bold red]")
+        return 1
+    return 0
+
+
+def _print_demo_table(totals: dict[str, list], identical: int, count: int, dtype: str) -> None:
+    table = Table(title=f"quickdraft demo: embedded model, {dtype}, {count} prompts")
+    for column in ("method", "tokens/s", "speedup", "mean accepted (tau)", "identical to ar"):
+        table.add_column(column)
+    base_rate = totals["ar"][0] / totals["ar"][1]
+    for name, (tokens, seconds, forwards) in totals.items():
+        rate = tokens / seconds
+        same = "-" if name == "ar" else f"{identical}/{count}"
+        table.add_row(name, f"{rate:.1f}", f"{rate / base_rate:.2f}x", f"{tokens / forwards:.2f}", same)
+    Console().print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quickdraft", description="Lossless speculative decoding.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    generate = sub.add_parser("generate", help="generate a reply, streamed to the terminal")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=256)
+    generate.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    add_model_arguments(generate)
+    add_drafter_arguments(generate)
+    add_sampling_arguments(generate)
+    generate.set_defaults(handler=cmd_generate)
+
+    demo = sub.add_parser("demo", help="plain vs speculative decoding on built-in prompts")
+    demo.add_argument("--max-new-tokens", type=int, default=128)
+    add_model_arguments(demo)
+    add_drafter_arguments(demo)
+    demo.set_defaults(handler=cmd_demo)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub: Any) -> None:
+    """Subcommands whose modules live in their own packages."""
+    from quickdraft.bench.cli import add_bench_arguments, add_profile_arguments, bench_main, profile_main
+
+    bench = sub.add_parser("bench", help="Spec-Bench-style side-by-side benchmark")
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=bench_main)
+    profile = sub.add_parser("profile", help="measure the verification cost curve c(k)")
+    add_profile_arguments(profile)
+    profile.set_defaults(handler=profile_main)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except QuickdraftError as error:
+        console.print(f"[bold red]error:[/bold red] {error}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

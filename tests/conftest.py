@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random models of every supported architecture, and a minimal tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from quickdraft.engine import Engine
+from quickdraft.models.hf import HFCausalLM
+from quickdraft.models.loading import LoadedModel
+from quickdraft.models.native import NativeCausalLM
+
+TINY_VOCAB = 96
+
+TINY = dict(
+    vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+)
+
+ARCHITECTURES = {
+    "llama": lambda: LlamaConfig(**TINY),
+    "mistral": lambda: MistralConfig(**TINY, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**TINY),
+    "qwen3": lambda: Qwen3Config(**TINY, head_dim=16),
+}
+
+
+class CharTokenizer:
+    """Token ``i`` is the character ``chr(65 + i)``; no chat template; EOS is the last id."""
+
+    chat_template = None
+
+    def __init__(self, vocab_size: int = TINY_VOCAB) -> None:
+        self.vocab_size = vocab_size
+        self.eos_token_id = vocab_size - 1
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": [min(max(ord(c) - 65, 0), self.vocab_size - 2) for c in text]}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(65 + i) for i in ids if not (skip_special_tokens and i == self.eos_token_id))
+
+
+def tiny_hf_model(architecture: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = ARCHITECTURES[architecture]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
+    # Sharper logits than the default init make greedy continuations repetitive, so drafts get accepted.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+def perturbed_copy(hf_model: torch.nn.Module, scale: float = 0.003, seed: int = 1) -> torch.nn.Module:
+    """A copy of ``hf_model`` with gaussian noise on every weight: a draft model that mostly agrees."""
+    import copy
+
+    generator = torch.Generator().manual_seed(seed)
+    draft = copy.deepcopy(hf_model)
+    with torch.no_grad():
+        for parameter in draft.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+    return draft
+
+
+def tiny_loaded(architecture: str = "llama", seed: int = 0, native: bool = True) -> LoadedModel:
+    hf_model = tiny_hf_model(architecture, seed)
+    target = NativeCausalLM(hf_model) if native else HFCausalLM(hf_model)
+    return LoadedModel(f"tiny-{architecture}", CharTokenizer(), hf_model, target)
+
+
+def tiny_engine(architecture: str = "llama", seed: int = 0, native: bool = True) -> Engine:
+    return Engine(tiny_loaded(architecture, seed, native))
+
+
+@pytest.fixture(params=sorted(ARCHITECTURES))
+def architecture(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32() -> Engine:
+    """The embedded model in float32, loaded once for the slow tests."""
+    return Engine.from_pretrained(dtype="float32")

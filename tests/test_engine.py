@@ -1,0 +1,207 @@
+"""The engine loop: every drafter reproduces plain greedy decoding token for token (float32), sampling keeps
+the target distribution end to end, and bad requests get clear errors."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from conftest import TINY_VOCAB, CharTokenizer, perturbed_copy, tiny_engine, tiny_hf_model, tiny_loaded
+from quickdraft.drafters import available_drafters, register
+from quickdraft.drafters.base import DraftContext, Drafter
+from quickdraft.engine import Engine
+from quickdraft.errors import InvalidRequestError, UnknownDrafterError
+from quickdraft.models.native import NativeCausalLM
+from quickdraft.sampling import probabilities
+from quickdraft.types import DraftTree, SamplingParams
+
+PROMPTS = [
+    [5, 6, 7, 8, 5, 6, 7, 8, 5, 6],
+    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 1, 2, 3],
+    [40, 41, 42, 40, 41, 42, 43, 44, 40],
+]
+
+#: Options for drafters that need more than their defaults on a tiny model.
+DRAFTER_OPTIONS = {
+    "draft": lambda engine: {"model": NativeCausalLM(perturbed_copy(engine.hf_model))},
+}
+
+#: Drafters that need resources a tiny random model cannot provide; tested on real models elsewhere.
+NEEDS_REAL_MODELS = {"xvocab"}
+
+
+def drafters_to_test() -> list[str]:
+    return [name for name in available_drafters() if name not in NEEDS_REAL_MODELS and not name.startswith("test-")]
+
+
+def with_drafter(engine: Engine, name: str, **kwargs) -> Engine:
+    options = DRAFTER_OPTIONS[name](engine) if name in DRAFTER_OPTIONS else {}
+    return engine.with_drafter(name, options, **kwargs)
+
+
+@pytest.mark.parametrize("drafter", drafters_to_test())
+def test_greedy_output_is_identical_to_plain_decoding(architecture, drafter):
+    plain = tiny_engine(architecture)
+    speculative = with_drafter(plain, drafter)
+    accepted = 0
+    for prompt in PROMPTS:
+        expected = plain.generate_ids(prompt, 40)
+        got = speculative.generate_ids(prompt, 40)
+        assert got.token_ids == expected.token_ids, f"{drafter} diverged from plain decoding on {architecture}"
+        assert got.finish_reason == expected.finish_reason
+        assert expected.stats.tau == 1.0
+        accepted += got.stats.accepted_tokens
+    assert accepted > 0, f"{drafter} never had a draft token accepted; the identity test would be vacuous"
+
+
+class OracleTreeDrafter(Drafter):
+    """Test drafter: a tree whose best-looking branches are wrong and whose last branch holds the true
+    continuation, so only correct tree masking and positions can get it accepted."""
+
+    def __init__(self, truth: list[int], prompt_len: int, vocab: int) -> None:
+        self.truth, self.prompt_len, self.vocab = truth, prompt_len, vocab
+
+    def propose(self, ctx: DraftContext, budget: int) -> DraftTree:
+        done = len(ctx.tokens) - self.prompt_len
+        right = self.truth[done : done + 4]
+        wrong = [[(t + 1) % self.vocab for t in right[:3]], [(t + 2) % self.vocab for t in right[:2]]]
+        return DraftTree.from_paths([*wrong, right]) if right else DraftTree.empty()
+
+
+def test_tree_verification_accepts_a_correct_branch_behind_wrong_ones(architecture):
+    plain = tiny_engine(architecture)
+    plain.eos_token_ids = frozenset()
+    prompt = PROMPTS[1]
+    truth = plain.generate_ids(prompt, 60).token_ids
+    oracle = OracleTreeDrafter(truth, len(prompt), TINY_VOCAB)
+    speculative = Engine(plain.loaded, oracle, draft_budget=16)
+    speculative.eos_token_ids = frozenset()
+    got = speculative.generate_ids(prompt, 60)
+    assert got.token_ids == truth
+    assert got.stats.tau > 3.0
+
+
+def test_chain_only_fallback_reproduces_plain_decoding_with_a_tree_drafter():
+    plain = tiny_engine("llama", native=False)
+    truth = plain.generate_ids(PROMPTS[0], 20).token_ids
+    oracle = OracleTreeDrafter(truth, len(PROMPTS[0]), TINY_VOCAB)
+    got = Engine(plain.loaded, oracle, draft_budget=16).generate_ids(PROMPTS[0], 20)
+    assert got.token_ids == truth
+
+
+def test_native_and_fallback_plain_decoding_agree():
+    native = tiny_engine("qwen2").generate_ids(PROMPTS[2], 30).token_ids
+    fallback = tiny_engine("qwen2", native=False).generate_ids(PROMPTS[2], 30).token_ids
+    assert native == fallback
+
+
+def test_max_new_tokens_and_eos_are_respected():
+    engine = with_drafter(tiny_engine("llama"), "ngram")
+    assert len(engine.generate_ids(PROMPTS[0], 7).token_ids) == 7
+    plain = tiny_engine("llama")
+    first = plain.generate_ids(PROMPTS[0], 5).token_ids
+    plain.eos_token_ids = frozenset({first[2]})
+    result = plain.generate_ids(PROMPTS[0], 20)
+    assert result.token_ids == first[:2] and result.finish_reason == "stop"
+
+
+def test_stop_strings_cut_the_text_and_streaming_matches_generate():
+    engine = with_drafter(tiny_engine("llama"), "ngram")
+    full = engine.generate_ids(PROMPTS[1], 30)
+    stop = full.text[10:13]
+    cut = engine.generate_ids(PROMPTS[1], 30, stop=[stop])
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
+    run = engine.start(PROMPTS[1], 30)
+    streamed = "".join(chunk.text for chunk in run.chunks())
+    assert streamed == full.text == run.result().text
+
+
+def test_seeded_sampling_is_reproducible():
+    engine = with_drafter(tiny_engine("llama"), "draft")
+    params = SamplingParams(temperature=0.9, seed=11)
+    first = engine.generate_ids(PROMPTS[0], 20, params).token_ids
+    assert engine.generate_ids(PROMPTS[0], 20, params).token_ids == first
+
+
+SAMPLING_DRAFTERS = ["ngram", "draft"]
+
+
+@pytest.mark.parametrize("drafter", SAMPLING_DRAFTERS)
+def test_speculative_sampling_keeps_the_target_distribution_end_to_end(drafter):
+    """Two sampled tokens after a fixed prompt: their joint distribution under speculation equals the
+    target's exact p(a) p(b | a), computed from the model's logits."""
+    vocab = 8
+    hf_model = tiny_hf_model("llama", seed=3, vocab_size=vocab)
+    hf_model.lm_head.weight.data /= 4.0  # flatter distributions: every pair has visible mass
+    loaded = tiny_loaded("llama")
+    loaded.hf_model, loaded.target, loaded.tokenizer = hf_model, NativeCausalLM(hf_model), CharTokenizer(vocab + 1)
+    plain = Engine(loaded)
+    options = {"draft": {"model": NativeCausalLM(perturbed_copy(hf_model, scale=0.3))}}
+    engine = plain.with_drafter(drafter, options.get(drafter), draft_budget=3)
+    params = SamplingParams(temperature=1.0, seed=0)
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    counts = np.zeros(vocab * vocab)
+    generator_seeds = range(1500)
+    for seed in generator_seeds:
+        tokens = engine.generate_ids(prompt, 2, SamplingParams(temperature=1.0, seed=seed)).token_ids
+        counts[tokens[0] * vocab + tokens[1]] += 1
+    with torch.inference_mode():
+        first = probabilities(hf_model(torch.tensor([prompt])).logits[0, -1], params)
+        expected = np.zeros(vocab * vocab)
+        for a, b in itertools.product(range(vocab), repeat=2):
+            second = probabilities(hf_model(torch.tensor([prompt + [a]])).logits[0, -1], params)
+            expected[a * vocab + b] = float(first[a] * second[b])
+    mask = expected * len(generator_seeds) >= 5
+    observed = np.append(counts[mask], counts[~mask].sum())
+    wanted = np.append(expected[mask], expected[~mask].sum()) * len(generator_seeds)
+    assert chisquare(observed, wanted * observed.sum() / wanted.sum()).pvalue > 1e-4
+
+
+@pytest.mark.parametrize(
+    "call, error, fragment",
+    [
+        (lambda e: e.generate("", max_new_tokens=4), InvalidRequestError, "prompt is empty"),
+        (lambda e: e.generate("   ", max_new_tokens=4), InvalidRequestError, "prompt is empty"),
+        (lambda e: e.generate_ids([], 4), InvalidRequestError, "prompt is empty"),
+        (lambda e: e.generate_ids([1] * 600, 4), InvalidRequestError, "context is 512"),
+        (lambda e: e.generate_ids([1, 2], 0), InvalidRequestError, "max_new_tokens must be an integer >= 1"),
+        (lambda e: e.generate("hi", max_new_tokens=4, temperature=-1), InvalidRequestError, "temperature"),
+        (lambda e: e.generate("hi", max_new_tokens=4, temperature=float("nan")), InvalidRequestError, "finite"),
+        (lambda e: e.generate("hi", max_new_tokens=4, top_p=0), InvalidRequestError, "top_p"),
+        (lambda e: e.generate("hi", max_new_tokens=4, top_p=1.01), InvalidRequestError, "top_p"),
+        (lambda e: e.with_drafter("no-such-drafter"), UnknownDrafterError, "choose one of"),
+        (lambda e: e.with_drafter("draft"), InvalidRequestError, "needs a draft model"),
+        (lambda e: e.generate([], max_new_tokens=4), InvalidRequestError, "non-empty list"),
+        (lambda e: e.generate([{"role": "user"}], max_new_tokens=4), InvalidRequestError, "string 'content'"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(call, error, fragment):
+    with pytest.raises(error) as info:
+        call(tiny_engine("llama"))
+    assert fragment in str(info.value)
+
+
+def test_long_request_is_clamped_to_the_context():
+    result = tiny_engine("llama").generate_ids([1] * 500, 100)
+    assert len(result.token_ids) <= 12
+
+
+def test_missing_model_path_is_a_clear_error():
+    from quickdraft.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        Engine.from_pretrained("/no/such/model")
+
+
+def test_a_plugin_drafter_registers_without_touching_the_engine():
+    @register("test-repeat-last")
+    class RepeatLast(Drafter):
+        def propose(self, ctx, budget):
+            return DraftTree.chain([ctx.tokens[-1]] * budget)
+
+    plain = tiny_engine("llama")
+    got = plain.with_drafter("test-repeat-last").generate_ids(PROMPTS[0], 20)
+    assert got.token_ids == plain.generate_ids(PROMPTS[0], 20).token_ids
+    assert got.stats.drafter == "test-repeat-last"

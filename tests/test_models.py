@@ -1,0 +1,100 @@
+"""The native forward against transformers' own forward, on tiny random models of each architecture."""
+
+import pytest
+import torch
+
+from conftest import ARCHITECTURES, tiny_hf_model
+from quickdraft.models.hf import HFCausalLM
+from quickdraft.models.native import NativeCausalLM, row_invariant_linear
+from quickdraft.types import DraftTree
+
+
+def reference_logits(hf_model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return hf_model(torch.tensor([ids])).logits[0].float()
+
+
+def test_native_prefill_and_chain_match_transformers(architecture):
+    hf_model = tiny_hf_model(architecture)
+    ids = torch.randint(0, 90, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    expected = reference_logits(hf_model, ids)
+    session = NativeCausalLM(hf_model).new_session(64)
+    last = session.prefill(ids[:30])
+    assert (last - expected[29]).abs().max() < 1e-4
+    out = session.verify(ids[30], DraftTree.chain(ids[31:]))
+    assert (out.logits - expected[30:]).abs().max() < 1e-4
+
+
+def test_native_tree_rows_match_each_branch_run_alone(architecture):
+    hf_model = tiny_hf_model(architecture)
+    prefix = [5, 9, 11, 3, 7, 2]
+    branches = [[10, 20, 30], [10, 21], [40, 41, 42]]
+    tree = DraftTree.from_paths(branches)
+    session = NativeCausalLM(hf_model).new_session(32)
+    session.prefill(prefix[:-1])
+    out = session.verify(prefix[-1], tree)
+    tokens = tree.tokens.tolist()
+    for branch in branches:
+        expected = reference_logits(hf_model, prefix + branch)
+        node = -1
+        for depth, token in enumerate(branch):
+            node = next(i for i, (t, p) in enumerate(zip(tokens, tree.parents.tolist())) if t == token and p == node)
+            assert (out.logits[node + 1] - expected[len(prefix) + depth]).abs().max() < 1e-4
+    assert (out.logits[0] - reference_logits(hf_model, prefix)[-1]).abs().max() < 1e-4
+
+
+def test_commit_compacts_the_accepted_path_so_decoding_continues_correctly(architecture):
+    hf_model = tiny_hf_model(architecture)
+    prefix = [5, 9, 11, 3]
+    tree = DraftTree.from_paths([[10, 20], [40, 41, 42]])  # nodes 0:10 1:20 2:40 3:41 4:42
+    session = NativeCausalLM(hf_model).new_session(32)
+    session.prefill(prefix[:-1])
+    session.verify(prefix[-1], tree)
+    session.commit([2, 3])  # keep 40, 41
+    assert session.cached_length == len(prefix) + 2
+    out = session.verify(77, DraftTree.empty())
+    expected = reference_logits(hf_model, prefix + [40, 41, 77])[-1]
+    assert (out.logits[0] - expected).abs().max() < 1e-4
+
+
+def test_skip_layers_and_hidden_states():
+    hf_model = tiny_hf_model("llama")
+    model = NativeCausalLM(hf_model)
+    session = model.new_session(32)
+    session.prefill([1, 2, 3])
+    full = session.draft_forward([4], frozenset(), hidden_layers=(0, -1))
+    skipped = session.draft_forward([4], frozenset({1, 2}), hidden_layers=(0, -1))
+    assert set(full.hidden) == {0, -1}
+    assert torch.equal(full.hidden[0], skipped.hidden[0])
+    assert not torch.allclose(full.logits, skipped.logits)
+    with torch.inference_mode():
+        out = hf_model(torch.tensor([[1, 2, 3, 4]]), output_hidden_states=True)
+    assert (full.hidden[0] - out.hidden_states[1][0, -1:]).abs().max() < 1e-4
+    assert len(model.layers) == 3, "skipping layers must not mutate the model"
+
+
+def test_hf_fallback_matches_transformers_and_crops():
+    hf_model = tiny_hf_model("llama")
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    session = HFCausalLM(hf_model).new_session(32)
+    session.prefill(ids[:4])
+    session.verify(ids[4], DraftTree.chain([70, 71]))
+    session.commit([])
+    out = session.verify(ids[5], DraftTree.chain(ids[6:]))
+    assert (out.logits - reference_logits(hf_model, ids)[5:]).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="chains only"):
+        session.verify(1, DraftTree.from_paths([[1], [2]]))
+
+
+def test_row_invariant_linear_equals_rowwise_calls():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 1536, generator=generator).bfloat16()
+    x = torch.randn(21, 1536, generator=generator).bfloat16()
+    together = row_invariant_linear(x, weight)
+    alone = torch.cat([row_invariant_linear(x[i : i + 1], weight) for i in range(21)])
+    assert torch.equal(together, alone)
+    assert (together.float() - torch.nn.functional.linear(x, weight).float()).abs().max() < 0.1
+
+
+def test_all_architectures_are_covered():
+    assert set(ARCHITECTURES) == {"llama", "mistral", "qwen2", "qwen3"}
