@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from quickdraft.drafters import DraftContext, Drafter, DrafterSetup, StepOutcome, create_drafter
+from quickdraft.budget import BudgetPolicy
 from quickdraft.detok import TextAssembler
 from quickdraft.errors import InvalidRequestError
 from quickdraft.models.base import TREE, TargetSession
@@ -25,8 +26,8 @@ from quickdraft.verify import verify_sampling
 
 Messages = list[dict[str, str]]
 
-#: Draft tokens verified per step unless the drafter or the caller says otherwise.
-DEFAULT_DRAFT_BUDGET = 8
+#: Largest number of draft nodes the adaptive budget policy may verify in one step.
+MAX_ADAPTIVE_BUDGET = 64
 
 
 @dataclass
@@ -55,10 +56,29 @@ class Engine:
     """
 
     def __init__(self, loaded: LoadedModel, drafter: Drafter | None = None, draft_budget: int | None = None) -> None:
+        """``draft_budget``: draft nodes verified per step; None chooses it per step with a
+        :class:`~quickdraft.budget.BudgetPolicy` fitted to the hardware's verification cost curve."""
+        if draft_budget is not None and (not isinstance(draft_budget, int) or draft_budget < 1):
+            raise InvalidRequestError(f"draft_budget must be an integer >= 1 or None (adaptive), got {draft_budget!r}")
         self.loaded = loaded
         self.drafter = drafter
-        self.draft_budget = draft_budget or DEFAULT_DRAFT_BUDGET
+        self.draft_budget = draft_budget
         self.eos_token_ids = _eos_token_ids(loaded)
+        self._policy: BudgetPolicy | None = None
+
+    def budget_policy(self) -> BudgetPolicy | None:
+        """The adaptive policy (measuring the cost curve on first use), or None for a fixed budget."""
+        if self.drafter is None or self.draft_budget is not None:
+            return None
+        if self._policy is None:
+            self._policy = BudgetPolicy(self.loaded.cost_curve(), max_budget=MAX_ADAPTIVE_BUDGET)
+        return self._policy
+
+    @property
+    def max_budget(self) -> int:
+        if self.drafter is None:
+            return 0
+        return self.draft_budget or MAX_ADAPTIVE_BUDGET
 
     @classmethod
     def from_pretrained(
@@ -167,7 +187,7 @@ class _Run:
         self.engine = engine
         self.request = request
         self.drafter = engine.drafter
-        self.budget = engine.draft_budget if self.drafter else 0
+        self.policy = engine.budget_policy()
         self.assembler = TextAssembler(engine.tokenizer, request.stop)
         self.stats = GenerationStats(drafter=engine.drafter_name)
         self.finish_reason = "length"
@@ -176,7 +196,7 @@ class _Run:
     def chunks(self) -> Iterator[StreamChunk]:
         target = self.engine.loaded.target
         request = self.request
-        session = target.new_session(len(request.prompt_ids) + request.max_new_tokens + self.budget + 1)
+        session = target.new_session(len(request.prompt_ids) + request.max_new_tokens + self.engine.max_budget + 1)
         generator = make_generator(request.params.seed, "cpu")
         needs = self.drafter.needs if self.drafter else frozenset()
         ctx = DraftContext(list(request.prompt_ids), len(request.prompt_ids), request.params, generator,
@@ -202,10 +222,13 @@ class _Run:
         yield chunk
         hidden_layers = self.drafter.hidden_layers if self.drafter and "hidden_states" in needs else ()
         while not self._done():
-            tree = self._propose(ctx, session)
+            budget = self._budget()
+            tree = self._propose(ctx, session, budget)
             out = session.verify(ctx.tokens[-1], tree, hidden_layers)
             result = verify_sampling(tree, out.logits, self.request.params, generator)
             session.commit(result.accepted_nodes)
+            if self.policy and tree.size:
+                self.policy.update(budget, result.num_accepted)
             self.stats.target_forwards += 1
             self.stats.drafted_tokens += tree.size
             self.stats.accepted_tokens += result.num_accepted
@@ -219,10 +242,17 @@ class _Run:
         if tail:
             yield StreamChunk(tail, [])
 
-    def _propose(self, ctx: DraftContext, session: TargetSession) -> DraftTree:
+    def _budget(self) -> int:
+        """Draft nodes for the next step: never more than the tokens still wanted after the bonus token."""
         room = self.request.max_new_tokens - len(self.generated) - 1
-        budget = min(self.budget, room)
-        if not self.drafter or budget <= 0:
+        if not self.drafter or room <= 0:
+            return 0
+        if self.policy:
+            return self.policy.choose(limit=room)
+        return min(self.engine.draft_budget, room)
+
+    def _propose(self, ctx: DraftContext, session: TargetSession, budget: int) -> DraftTree:
+        if budget <= 0:
             return DraftTree.empty()
         tree = self.drafter.propose(ctx, budget).truncated(budget)
         if TREE not in session.capabilities and not tree.is_chain():

@@ -17,6 +17,7 @@ _BUILTIN_MODULES = (
     "quickdraft.drafters.suffix",
     "quickdraft.drafters.recycle",
     "quickdraft.drafters.lookahead",
+    "quickdraft.drafters.auto",
 )
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from quickdraft.budget import CostCurve
 from quickdraft.errors import ModelLoadError
 from quickdraft.models.base import TargetModel
 from quickdraft.models.hf import HFCausalLM
@@ -36,6 +37,13 @@ class LoadedModel:
     tokenizer: Any
     hf_model: torch.nn.Module
     target: TargetModel
+    _cost_curve: CostCurve | None = field(default=None, repr=False)
+
+    def cost_curve(self) -> CostCurve:
+        """The target's verification cost curve on this hardware, measured once (a few seconds)."""
+        if self._cost_curve is None:
+            self._cost_curve = CostCurve.measure(self.target)
+        return self._cost_curve
 
 
 def embedded_model_path() -> Path:
