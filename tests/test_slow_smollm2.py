@@ -1,0 +1,92 @@
+"""End-to-end checks on the real embedded model (SmolLM2-135M-Instruct, float32)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quickdraft.drafters import available_drafters
+from quickdraft.types import DraftTree, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "Summarize in one sentence: The museum will open a new wing in May. The wing holds two hundred paintings "
+    "from the nineteenth century, and entry to it is free on Sundays.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Translate to French: The weather is nice today and we are going to the beach.",
+]
+
+#: Drafters that need another model; covered by their own slow tests.
+NEEDS_OTHER_MODEL = {"draft", "xvocab"}
+
+
+def test_native_forward_matches_transformers_on_smollm2(smollm2_fp32):
+    engine = smollm2_fp32
+    ids = engine.encode_prompt(PROMPTS[0])
+    with torch.inference_mode():
+        expected = engine.hf_model(torch.tensor([ids])).logits[0].float()
+    session = engine.loaded.target.new_session(len(ids) + 8)
+    session.prefill(ids[:-4])
+    out = session.verify(ids[-4], DraftTree.chain(ids[-3:]))
+    assert (out.logits - expected[-4:]).abs().max() < 2e-4
+
+
+@pytest.mark.parametrize("drafter", [d for d in available_drafters() if d not in NEEDS_OTHER_MODEL])
+def test_greedy_identity_on_real_prompts(smollm2_fp32, drafter):
+    speculative = smollm2_fp32.with_drafter(drafter)
+    for prompt in PROMPTS:
+        ids = smollm2_fp32.encode_prompt(prompt)
+        expected = smollm2_fp32.generate_ids(ids, 48).token_ids
+        got = speculative.generate_ids(ids, 48)
+        assert got.token_ids == expected, f"{drafter} diverged on {prompt[:30]!r}"
+
+
+def test_draft_model_drafter_with_the_model_itself_accepts_everything(smollm2_fp32):
+    """The target as its own draft model: every draft token must be accepted (tau = budget + 1)."""
+    engine = smollm2_fp32.with_drafter("draft", {"model": smollm2_fp32.loaded.target}, draft_budget=4)
+    ids = engine.encode_prompt(PROMPTS[1])
+    result = engine.generate_ids(ids, 41)
+    assert result.token_ids == smollm2_fp32.generate_ids(ids, 41).token_ids
+    assert result.stats.tau > 4.5
+
+
+def test_sampling_with_seed_is_reproducible_and_differs_across_seeds(smollm2_fp32):
+    engine = smollm2_fp32.with_drafter("suffix")
+    ids = engine.encode_prompt(PROMPTS[2])
+    first = engine.generate_ids(ids, 24, SamplingParams(temperature=0.8, seed=3)).token_ids
+    assert engine.generate_ids(ids, 24, SamplingParams(temperature=0.8, seed=3)).token_ids == first
+    others = {tuple(engine.generate_ids(ids, 24, SamplingParams(temperature=0.8, seed=s)).token_ids) for s in range(4, 8)}
+    assert len(others | {tuple(first)}) > 1
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "quickdraft.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_generate_streams_and_prints_statistics():
+    done = run_cli("generate", "--prompt", PROMPTS[0], "--max-new-tokens", "24", "--drafter", "ngram", "--dtype", "float32")
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip()) > 10
+    assert "tok/s" in done.stderr and "tau" in done.stderr and "drafter ngram" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["generate", "--prompt", ""], "prompt is empty"),
+        (["generate", "--prompt", "hi", "--drafter", "nope"], "unknown drafter"),
+        (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature"),
+        (["generate", "--prompt", "hi", "--temperature", "nan"], "finite"),
+        (["generate", "--prompt", "hi", "--top-p", "2"], "top_p"),
+        (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens"),
+        (["generate", "--prompt", "hi", "--model", "/does/not/exist"], "does not exist"),
+        (["generate", "--prompt", "x " * 9000, "--max-new-tokens", "4"], "context is 8192"),
+    ],
+)
+def test_cli_bad_input_is_a_clear_error_without_traceback(args, fragment):
+    done = run_cli(*args)
+    assert done.returncode == 2
+    assert fragment in done.stderr
+    assert "Traceback" not in done.stderr
