@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from quickdraft.bench import profile as prof
-from quickdraft.bench.cli import add_bench_arguments, add_profile_arguments, bench_main, parse_drafter_options, profile_main
+from quickdraft.bench.cli import (
+    add_bench_arguments,
+    add_profile_arguments,
+    bench_main,
+    parse_drafter_options,
+    profile_main,
+)
 from quickdraft.bench.dataset import (
     MULTI_TURN,
     Question,
@@ -610,19 +616,3 @@ def test_profile_from_saved_curve_with_bench_json(tmp_path, capsys, monkeypatch)
                                           str(tmp_path / "nope.json")])
     assert profile_main(args) == 2
 
-
-def test_hf_runners_call_the_real_library_on_a_tiny_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         eos_token_id=2, bos_token_id=1)
-    model = LlamaForCausalLM(config).eval()
-    prompt = [5, 6, 7, 8, 5, 6, 7]
-    plain = HFRunner("hf", model, FakeTokenizer()).run(prompt, 12, SamplingParams())
-    lookup = HFRunner("hf-pld", model, FakeTokenizer(), prompt_lookup_num_tokens=10).run(prompt, 12, SamplingParams())
-    assert lookup.token_ids == plain.token_ids  # greedy prompt lookup decoding is lossless here (fp32)
-    assert 0 < len(plain.token_ids) <= 12 and 2 not in plain.token_ids
-    sampled = HFRunner("hf", model, FakeTokenizer()).run(prompt, 8, SamplingParams(temperature=0.8, top_p=0.9, seed=1))
-    assert len(sampled.token_ids) <= 8

@@ -1,4 +1,5 @@
-"""End to end: ``quickdraft bench`` on the embedded model with the built-in prompt set."""
+"""Slower bench checks: transformers peers on a tiny random model, and ``quickdraft bench`` end to end on the
+embedded model with the built-in prompt set."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from quickdraft.bench.cli import add_bench_arguments, bench_main
+from quickdraft.bench.runners import HFRunner
+from quickdraft.types import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -45,3 +49,27 @@ def test_bench_main_on_builtin_prompts_writes_json_and_plot(tmp_path, monkeypatc
         for divergence in entry["divergences"]:
             assert divergence["top2_gap"] is not None and divergence["top2_gap"] >= 0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _Tokenizer:
+    eos_token_id = 2
+    pad_token_id = None
+
+
+def test_hf_runners_call_the_real_library_on_a_tiny_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         eos_token_id=2, bos_token_id=1)
+    model = LlamaForCausalLM(config).eval()
+    prompt = [5, 6, 7, 8, 5, 6, 7]
+    plain = HFRunner("hf", model, _Tokenizer()).run(prompt, 12, SamplingParams())
+    lookup = HFRunner("hf-pld", model, _Tokenizer(), prompt_lookup_num_tokens=10).run(prompt, 12, SamplingParams())
+    assert lookup.token_ids == plain.token_ids  # greedy prompt lookup decoding is lossless here (fp32)
+    assert 0 < len(plain.token_ids) <= 12 and 2 not in plain.token_ids
+    assisted = HFRunner("hf-assisted", model, _Tokenizer(), assistant_model=model).run(prompt, 12, SamplingParams())
+    assert assisted.token_ids == plain.token_ids
+    sampled = HFRunner("hf", model, _Tokenizer()).run(prompt, 8, SamplingParams(temperature=0.8, top_p=0.9, seed=1))
+    assert len(sampled.token_ids) <= 8

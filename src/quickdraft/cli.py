@@ -134,6 +134,18 @@ def _print_demo_table(totals: dict[str, list], identical: int, count: int, dtype
     Console().print(table)
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    """Build a suffix-automaton datastore over text files, for ``--drafter suffix`` (option datastore)."""
+    from quickdraft.drafters.datastore import index_corpus
+    from quickdraft.models.loading import load_tokenizer
+
+    stats = index_corpus(args.corpus, load_tokenizer(args.model), args.output)
+    console.print(f"indexed {stats['files']} file(s) into {args.output}: "
+                  + ", ".join(f"{k} {v}" for k, v in stats.items() if k != "files"))
+    console.print(f"use it with: --drafter suffix --drafter-option datastore={args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quickdraft", description="Lossless speculative decoding.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(demo)
     add_drafter_arguments(demo)
     demo.set_defaults(handler=cmd_demo)
+
+    index = sub.add_parser("index", help="build a retrieval datastore for the suffix drafter")
+    index.add_argument("corpus", nargs="+", help="UTF-8 text files")
+    index.add_argument("-o", "--output", required=True, help="datastore file to write (.npz)")
+    index.add_argument("--model", default=None, help="model whose tokenizer to use (default: embedded)")
+    index.set_defaults(handler=cmd_index)
 
     _add_optional_commands(sub)
     return parser

@@ -176,6 +176,7 @@ class GenerationStats:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     prefill_seconds: float = 0.0
+    draft_seconds: float = 0.0  # time spent inside the drafter (propose and observe)
     total_seconds: float = 0.0
     drafter: str = "none"
 

@@ -36,7 +36,8 @@ DEFAULT_METHODS = "ar,hf,hf-pld,ngram"
 
 
 def add_common_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="local model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None,
+                        help="local model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
@@ -45,7 +46,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``quickdraft bench``."""
     add_common_model_arguments(parser)
     parser.add_argument("--dataset", metavar="PATH", default=None,
-                        help="Spec-Bench-format JSONL (question_id, category, turns per line); default: the built-in prompt set")
+                        help="Spec-Bench-format JSONL (question_id, category, turns per line); "
+                             "default: the built-in prompt set")
     parser.add_argument("--per-category", metavar="N", type=int, default=None,
                         help="first N questions of each task group (MT-Bench's 8 categories count as one group, "
                              "'multi-turn'); default: all")
@@ -263,7 +265,8 @@ def _profile(args: argparse.Namespace) -> int:
     if bench is not None:
         for key in ("model", "dtype", "device"):
             if key in bench and key in settings and bench[key] != settings[key]:
-                console.print(f"[yellow]note: the bench ran with {key} {bench[key]!r}, this curve with {settings[key]!r}[/yellow]")
+                console.print(f"[yellow]note: the bench ran with {key} {bench[key]!r}, "
+                              f"this curve with {settings[key]!r}[/yellow]")
         rows = prof.efficiency_table(bench, curve)
         eff = Table(title="efficiency = measured speedup / (tau / (c(k) + d))", title_justify="left")
         for column in ("method", "speedup", "tau", "k", "c(k)", "d", "bound", "efficiency", "assumed"):

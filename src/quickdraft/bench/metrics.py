@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from quickdraft.bench.harness import BenchRun, Record
-from quickdraft.bench.runners import BASELINE, MethodOutput
+from quickdraft.bench.runners import MethodOutput
 
 
 @dataclass(frozen=True)
@@ -127,4 +127,4 @@ def aggregate(run: BenchRun) -> dict[str, MethodMetrics]:
     return result
 
 
-__all__ = ["BASELINE", "MethodMetrics", "Totals", "aggregate", "ratio"]
+__all__ = ["MethodMetrics", "Totals", "aggregate", "ratio"]

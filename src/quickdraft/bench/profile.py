@@ -239,7 +239,9 @@ def efficiency_row(name: str, entry: dict[str, Any], curve: Sequence[CostPoint])
 def efficiency_table(bench: dict[str, Any], curve: Sequence[CostPoint]) -> list[dict[str, Any]]:
     methods = bench.get("methods")
     if not isinstance(methods, dict):
-        raise InvalidRequestError("the bench JSON has no 'methods' object; pass a file written by quickdraft bench --json")
+        raise InvalidRequestError(
+            "the bench JSON has no 'methods' object; pass a file written by quickdraft bench --json"
+        )
     return [efficiency_row(name, entry, curve) for name, entry in methods.items()]
 
 

@@ -1,4 +1,24 @@
-"""Benchmark output: the report object, its JSON form, the terminal table and the speedup plot."""
+"""Benchmark output: the report object, its JSON form, the terminal table and the speedup plot.
+
+The JSON report (``quickdraft bench --json OUT``)::
+
+    {"model": path, "dtype": "bfloat16", "device": "cpu", "hardware": {...},
+     "max_new_tokens": int, "temperature": float, "top_p", "top_k", "min_p", "seed",
+     "questions": int, "baseline": "ar", "dataset", "per_category", "method_order", "command": argv,
+     "groups": [task groups in order],
+     "methods": {name: {
+         "tokens_per_s": aggregate new tokens / seconds, "speedup": vs ar, "mean_accepted": tau or null,
+         "identical": generations equal to ar's token for token, "total": generations compared,
+         "per_category": {group: {"tokens_per_s", "speedup", "mean_accepted", "new_tokens", "seconds",
+                                  "nodes_per_step"}},
+         "new_tokens", "seconds", "generations", "target_forwards", "drafted_tokens",
+         "nodes_per_step": mean rows per verification forward (null for peers),
+         "draft_seconds_fraction": drafting time / total (null unless the engine reports drafting time),
+         "divergences": [{"method", "question_id", "group", "turn", "position", "baseline_token",
+                          "method_token", "top2_gap", "top1_token", "top2_token"}]}}}
+
+Definitions of the numbers: :mod:`quickdraft.bench.metrics` and :mod:`quickdraft.bench.divergence`.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +32,7 @@ from typing import Any
 
 from quickdraft.bench.divergence import Comparison
 from quickdraft.bench.harness import BenchRun
-from quickdraft.bench.metrics import MethodMetrics, Totals
+from quickdraft.bench.metrics import MethodMetrics
 
 OVERALL = "overall"
 
@@ -31,7 +51,7 @@ class BenchReport:
         return list(dict.fromkeys(r.group for r in self.run.records))
 
     def to_json(self) -> dict[str, Any]:
-        """The report as a JSON-ready dict (keys documented in ``quickdraft bench --help``)."""
+        """The report as a JSON-ready dict (keys: see the module docstring)."""
         methods = {}
         for name, m in self.metrics.items():
             comparison = self.comparisons.get(name, Comparison())
@@ -210,4 +230,4 @@ def plot_speedups(report: BenchReport, path: str | Path) -> None:
     figure.savefig(path, format="png", dpi=120)
 
 
-__all__ = ["BenchReport", "OVERALL", "Totals", "hardware_info", "plot_speedups", "render_table"]
+__all__ = ["BenchReport", "OVERALL", "hardware_info", "plot_speedups", "render_table"]

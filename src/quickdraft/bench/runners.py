@@ -355,7 +355,8 @@ def build_runners(
             if draft is None:
                 draft = load_draft_hf_model(draft_model, engine.dtype, engine.device)
             draft_tokenizer, draft_hf = draft
-            same_vocab = draft_hf.config.get_text_config().vocab_size == engine.hf_model.config.get_text_config().vocab_size
+            target_vocab = engine.hf_model.config.get_text_config().vocab_size
+            same_vocab = draft_hf.config.get_text_config().vocab_size == target_vocab
             runners.append(
                 HFRunner(
                     name,

@@ -130,13 +130,32 @@ def load_model(
     return LoadedModel(str(path), tokenizer, hf_model, target)
 
 
+def load_tokenizer(model: str | None = None) -> Any:
+    """Only the tokenizer of ``model`` (None: the embedded default)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model)
+    directory, extra = _location(path)
+    try:
+        return AutoTokenizer.from_pretrained(directory, **extra)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelLoadError(f"could not load a tokenizer from {path}: {error}") from error
+
+
+def _location(path: Path) -> tuple[Path, dict[str, Any]]:
+    """``from_pretrained`` arguments for a model directory or a GGUF file, local files only."""
+    if path.is_file():
+        return path.parent, {"gguf_file": path.name, "local_files_only": True}
+    return path, {"local_files_only": True}
+
+
 def _load_transformers(path: Path, dtype: torch.dtype) -> tuple[Any, torch.nn.Module]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory, extra = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
+    directory, extra = _location(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **extra)
-        hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(directory, **extra)
+        hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **extra)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"could not load a causal LM from {path}: {error}") from error
     return tokenizer, hf_model
