@@ -64,15 +64,13 @@ class Engine:
         self.drafter = drafter
         self.draft_budget = draft_budget
         self.eos_token_ids = _eos_token_ids(loaded)
-        self._policy: BudgetPolicy | None = None
 
     def budget_policy(self) -> BudgetPolicy | None:
-        """The adaptive policy (measuring the cost curve on first use), or None for a fixed budget."""
+        """A fresh adaptive policy for one request (the cost curve is measured once per loaded model), or
+        None for a fixed budget. Each request starts from the same state, so a seeded request reproduces."""
         if self.drafter is None or self.draft_budget is not None:
             return None
-        if self._policy is None:
-            self._policy = BudgetPolicy(self.loaded.cost_curve(), max_budget=MAX_ADAPTIVE_BUDGET)
-        return self._policy
+        return BudgetPolicy(self.loaded.cost_curve(), max_budget=MAX_ADAPTIVE_BUDGET)
 
     @property
     def max_budget(self) -> int:
@@ -180,6 +178,51 @@ class Engine:
                                  list(stop or []))
 
 
+class OutputTracker:
+    """What a request keeps of its committed tokens: cut at EOS, at ``max_new_tokens`` and at stop strings,
+    released as text when it can no longer change. The engine loop and the batch scheduler both use it."""
+
+    def __init__(self, tokenizer: Any, eos_token_ids: frozenset[int], max_new_tokens: int,
+                 stop: list[str] | None = None) -> None:
+        self.assembler = TextAssembler(tokenizer, stop)
+        self.eos_token_ids = eos_token_ids
+        self.max_new_tokens = max_new_tokens
+        self.generated: list[int] = []
+        self.finish_reason = "length"
+
+    def commit(self, tokens: list[int]) -> tuple[StreamChunk, int]:
+        """Apply EOS and the token limit to a step's committed tokens; return the released chunk and how
+        many of ``tokens`` count as generated (up to and including an EOS token)."""
+        kept: list[int] = []
+        committed = 0
+        for token in tokens:
+            committed += 1
+            if token in self.eos_token_ids:
+                self.finish_reason = "stop"
+                break
+            kept.append(token)
+            if len(self.generated) + len(kept) >= self.max_new_tokens:
+                break
+        self.generated.extend(kept)
+        text = self.assembler.add(kept)
+        if self.assembler.stopped:
+            self.finish_reason = "stop"
+        return StreamChunk(text, kept), committed
+
+    @property
+    def done(self) -> bool:
+        return (self.finish_reason == "stop" or self.assembler.stopped
+                or len(self.generated) >= self.max_new_tokens)
+
+    def finish(self) -> str:
+        """Release the text still held back (generation has ended)."""
+        return self.assembler.finish()
+
+    @property
+    def text(self) -> str:
+        return self.assembler.text
+
+
 class _Run:
     """One request going through the loop."""
 
@@ -188,10 +231,20 @@ class _Run:
         self.request = request
         self.drafter = engine.drafter
         self.policy = engine.budget_policy()
-        self.assembler = TextAssembler(engine.tokenizer, request.stop)
+        self.output = OutputTracker(engine.tokenizer, engine.eos_token_ids, request.max_new_tokens, request.stop)
         self.stats = GenerationStats(drafter=engine.drafter_name)
-        self.finish_reason = "length"
-        self.generated: list[int] = []
+
+    @property
+    def assembler(self) -> TextAssembler:
+        return self.output.assembler
+
+    @property
+    def generated(self) -> list[int]:
+        return self.output.generated
+
+    @property
+    def finish_reason(self) -> str:
+        return self.output.finish_reason
 
     def chunks(self) -> Iterator[StreamChunk]:
         target = self.engine.loaded.target
@@ -223,7 +276,9 @@ class _Run:
         hidden_layers = self.drafter.hidden_layers if self.drafter and "hidden_states" in needs else ()
         while not self._done():
             budget = self._budget()
+            drafting = time.perf_counter()
             tree = self._propose(ctx, session, budget)
+            self.stats.draft_seconds += time.perf_counter() - drafting
             out = session.verify(ctx.tokens[-1], tree, hidden_layers)
             result = verify_sampling(tree, out.logits, self.request.params, generator)
             session.commit(result.accepted_nodes)
@@ -234,11 +289,13 @@ class _Run:
             self.stats.accepted_tokens += result.num_accepted
             ctx.tokens.extend(result.tokens)
             if self.drafter:
+                observing = time.perf_counter()
                 logits_for_drafter = out.logits if "target_logits" in needs else None
                 self.drafter.observe(ctx, StepOutcome(tree, result, logits_for_drafter, out.hidden))
+                self.stats.draft_seconds += time.perf_counter() - observing
             yield self._commit(result.tokens)
         self.stats.total_seconds = time.perf_counter() - started
-        tail = self.assembler.finish()
+        tail = self.output.finish()
         if tail:
             yield StreamChunk(tail, [])
 
@@ -261,26 +318,12 @@ class _Run:
 
     def _commit(self, tokens: list[int]) -> StreamChunk:
         """Apply EOS and the token limit to a step's committed tokens and release their text."""
-        kept: list[int] = []
-        committed = 0
-        for token in tokens:
-            committed += 1
-            if token in self.engine.eos_token_ids:
-                self.finish_reason = "stop"
-                break
-            kept.append(token)
-            if len(self.generated) + len(kept) >= self.request.max_new_tokens:
-                break
-        self.generated.extend(kept)
+        chunk, committed = self.output.commit(tokens)
         self.stats.new_tokens += committed
-        text = self.assembler.add(kept)
-        if self.assembler.stopped:
-            self.finish_reason = "stop"
-        return StreamChunk(text, kept)
+        return chunk
 
     def _done(self) -> bool:
-        return (self.finish_reason == "stop" or self.assembler.stopped
-                or len(self.generated) >= self.request.max_new_tokens)
+        return self.output.done
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.assembler.text, list(self.generated), list(self.request.prompt_ids),

@@ -18,6 +18,8 @@ _BUILTIN_MODULES = (
     "quickdraft.drafters.recycle",
     "quickdraft.drafters.lookahead",
     "quickdraft.drafters.auto",
+    "quickdraft.drafters.layerskip",
+    "quickdraft.drafters.xvocab",
 )
 
 
