@@ -90,3 +90,19 @@ def test_cli_bad_input_is_a_clear_error_without_traceback(args, fragment):
     assert done.returncode == 2
     assert fragment in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_cli_index_builds_a_datastore_and_rejects_bad_corpora(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The cat sat on the mat. The cat sat on the hat.\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\x00\x01\x02binary")
+    store = tmp_path / "store.npz"
+    done = run_cli("index", str(corpus), "-o", str(store))
+    assert done.returncode == 0, done.stderr
+    assert store.is_file()
+    for bad, fragment in ((empty, "is empty"), (binary, "binary"), (tmp_path / "missing.txt", "does not exist")):
+        done = run_cli("index", str(bad), "-o", str(tmp_path / "x.npz"))
+        assert done.returncode == 2 and fragment in done.stderr and "Traceback" not in done.stderr

@@ -116,7 +116,7 @@ def _error(message: str) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/bold red] [red]{escape(message)}[/red]")
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] [red]{escape(message)}[/red]")
     return 2
 
 
