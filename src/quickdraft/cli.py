@@ -9,11 +9,12 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from quickdraft.errors import QuickdraftError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -186,6 +187,12 @@ def _add_optional_commands(sub: Any) -> None:
     add_profile_arguments(profile)
     profile.set_defaults(handler=profile_main)
 
+    from quickdraft.server.cli import add_serve_arguments, serve_main
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible server with batched speculative decoding")
+    add_serve_arguments(serve)
+    serve.set_defaults(handler=serve_main)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except QuickdraftError as error:
-        console.print(f"[bold red]error:[/bold red] {error}")
+        console.print(f"[bold red]error:[/bold red] {escape(str(error))}")
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")

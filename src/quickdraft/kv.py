@@ -4,6 +4,11 @@ Slots ``[0, length)`` of each row hold the keys and values of committed tokens. 
 writes its rows at slots ``length, length + 1, ...``; afterwards :meth:`StaticKVCache.compact` keeps only the
 accepted path (moving its entries to consecutive slots) and :meth:`StaticKVCache.truncate` simply lowers the
 length, so stale slots are overwritten by the next forward.
+
+Rows are independent sequences with their own lengths (a *ragged* batch): :meth:`StaticKVCache.ragged_slots`
+and :meth:`StaticKVCache.write_ragged` let one batched forward write each row at its own slots, and
+:meth:`StaticKVCache.move_row` keeps the live rows of a server's batch contiguous (``0 .. B - 1``) so that
+reads stay cheap slices.
 """
 
 from __future__ import annotations
@@ -31,21 +36,52 @@ class StaticKVCache:
         self.max_len = max_len
 
     @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    @property
     def length(self) -> int:
         """Committed length of row 0 (the single-sequence case)."""
         return self.lengths[0]
 
-    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
-        """Store ``[batch, heads, T, head_dim]`` new entries at slots ``start .. start + T``."""
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int,
+              rows: slice | None = None) -> None:
+        """Store ``[batch, heads, T, head_dim]`` new entries at slots ``start .. start + T`` of ``rows``
+        (default: every row)."""
         end = start + keys.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: slot {end} > capacity {self.max_len}")
-        self.keys[layer, :, :, start:end] = keys
-        self.values[layer, :, :, start:end] = values
+        if rows is None:
+            self.keys[layer, :, :, start:end] = keys
+            self.values[layer, :, :, start:end] = values
+        else:
+            self.keys[layer, rows, :, start:end] = keys
+            self.values[layer, rows, :, start:end] = values
 
-    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of slots ``[0, end)`` of ``layer``."""
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+    def ragged_slots(self, starts: list[int], count: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index tensors ``(row, slot)``, each ``[B, count]``, addressing slots ``starts[b] .. + count`` of
+        row ``rows.start + b``: where one ragged forward writes (compute once, use for every layer)."""
+        end = max(starts) + count
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: slot {end} > capacity {self.max_len}")
+        device = self.keys.device
+        first = rows.start or 0
+        row_index = torch.arange(first, first + len(starts), device=device).unsqueeze(1).expand(-1, count)
+        slot_index = torch.tensor(starts, device=device).unsqueeze(1) + torch.arange(count, device=device)
+        return row_index, slot_index
+
+    def write_ragged(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
+                     slots: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Store ``[B, heads, T, head_dim]`` entries at the per-row slots from :meth:`ragged_slots`."""
+        row_index, slot_index = slots
+        self.keys[layer][row_index, :, slot_index] = keys.transpose(1, 2)
+        self.values[layer][row_index, :, slot_index] = values.transpose(1, 2)
+
+    def read(self, layer: int, end: int, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots ``[0, end)`` of ``layer`` for ``rows`` (default: every row)."""
+        if rows is None:
+            return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        return self.keys[layer, rows, :, :end], self.values[layer, rows, :, :end]
 
     def truncate(self, length: int, row: int = 0) -> None:
         """Forget every slot at or after ``length`` in ``row``; O(1)."""
@@ -62,6 +98,16 @@ class StaticKVCache:
             self.keys[:, row, :, target] = self.keys[:, row, :, source]
             self.values[:, row, :, target] = self.values[:, row, :, source]
         self.lengths[row] = start + len(keep)
+
+    def move_row(self, source: int, target: int) -> None:
+        """Copy row ``source``'s committed entries and length into row ``target``; ``source`` is emptied."""
+        if source == target:
+            return
+        length = self.lengths[source]
+        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
+        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+        self.lengths[target] = length
+        self.lengths[source] = 0
 
     def reset(self) -> None:
         self.lengths = [0] * len(self.lengths)

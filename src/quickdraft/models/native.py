@@ -8,10 +8,14 @@ model, and orchestrates them itself so that it can
 - return hidden states of chosen layers, and skip chosen layers per call (no shared state is mutated),
 - optionally compute every linear layer *row-invariantly*: each row's result is the same whether a call
   has 1 row or 64, so verification reproduces plain decoding bit for bit in bfloat16 (see
-  :func:`row_invariant_linear`).
+  :func:`row_invariant_linear`),
+- verify several sequences in one forward (:func:`verify_batch`): each batch row is one sequence with its own
+  cache length (ragged), its own write slots and its own tree mask, rows padded to the same width.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -82,37 +86,64 @@ class NativeCausalLM(TargetModel):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         cache: StaticKVCache,
-        start: int,
+        start: int | list[int],
         mask: torch.Tensor | None,
         skip_layers: frozenset[int] = frozenset(),
         hidden_layers: tuple[int, ...] = (),
         logit_rows: slice = slice(None),
+        rows: slice | None = None,
     ) -> ForwardOutput:
         """Run ``input_ids [B, T]`` at ``positions [B, T]``, writing keys/values at cache slots
         ``start .. start + T``. ``mask [B, T, start + T]`` (True = may attend) or None for causal
-        attention. Logits are computed for ``logit_rows`` of the T rows only."""
+        attention. Logits are computed for ``logit_rows`` of the T rows only. ``rows``: the cache rows the
+        batch occupies (default: all of them). Returns batch row 0; see :meth:`forward_batch` for all rows
+        and for per-row (ragged) ``start``."""
+        logits, collected = self._run(input_ids, positions, cache, start, mask, skip_layers, hidden_layers,
+                                      logit_rows, rows)
+        return ForwardOutput(logits[0].float(), {layer: value[0] for layer, value in collected.items()})
+
+    @torch.inference_mode()
+    def forward_batch(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: StaticKVCache,
+        start: int | list[int],
+        mask: torch.Tensor | None,
+        skip_layers: frozenset[int] = frozenset(),
+        hidden_layers: tuple[int, ...] = (),
+        logit_rows: slice = slice(None),
+        rows: slice | None = None,
+    ) -> BatchForwardOutput:
+        """Like :meth:`forward` for every batch row. ``start`` may be a list: batch row ``b`` then writes at
+        slots ``start[b] .. start[b] + T`` of its cache row, and ``mask`` must be ``[B, T, max(start) + T]``."""
+        logits, collected = self._run(input_ids, positions, cache, start, mask, skip_layers, hidden_layers,
+                                      logit_rows, rows)
+        return BatchForwardOutput(logits.float(), collected)
+
+    def _run(self, input_ids, positions, cache, start, mask, skip_layers, hidden_layers, logit_rows, rows):
         hidden = self.embed_tokens(input_ids.to(self.device))
         cos, sin = self.rotary(hidden, positions.to(self.device))
         attn_mask = None if mask is None else mask.to(self.device).unsqueeze(1)
+        place = _Placement.of(cache, start, input_ids.shape, rows)
         collected: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.layers):
             if index not in skip_layers:
-                hidden = self._decoder_layer(layer, index, hidden, cos, sin, cache, start, attn_mask)
+                hidden = self._decoder_layer(layer, index, hidden, cos, sin, cache, place, attn_mask)
             if index in hidden_layers:
-                collected[index] = hidden[0]
+                collected[index] = hidden
         normed = self.final_norm(hidden[:, logit_rows])
         if -1 in hidden_layers:
-            collected[-1] = normed[0]
-        logits = self._linear(normed, self.lm_head.weight, self.lm_head.bias)
-        return ForwardOutput(logits[0].float(), collected)
+            collected[-1] = normed
+        return self._linear(normed, self.lm_head.weight, self.lm_head.bias), collected
 
-    def _decoder_layer(self, layer, index, hidden, cos, sin, cache, start, attn_mask) -> torch.Tensor:
+    def _decoder_layer(self, layer, index, hidden, cos, sin, cache, place, attn_mask) -> torch.Tensor:
         residual = hidden
-        attended = self._attention(layer.self_attn, layer.input_layernorm(hidden), index, cos, sin, cache, start, attn_mask)
+        attended = self._attention(layer.self_attn, layer.input_layernorm(hidden), index, cos, sin, cache, place, attn_mask)
         hidden = residual + attended
         return hidden + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
 
-    def _attention(self, attn, x, index, cos, sin, cache, start, attn_mask) -> torch.Tensor:
+    def _attention(self, attn, x, index, cos, sin, cache, place, attn_mask) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self._linear(x, attn.q_proj.weight, attn.q_proj.bias).view(batch, length, self.num_heads, self.head_dim)
         k = self._linear(x, attn.k_proj.weight, attn.k_proj.bias).view(batch, length, self.num_kv_heads, self.head_dim)
@@ -121,10 +152,13 @@ class NativeCausalLM(TargetModel):
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
-        cache.write(index, k, v, start)
-        keys, values = cache.read(index, start + length)
+        if place.slots is None:
+            cache.write(index, k, v, place.start, place.rows)
+        else:
+            cache.write_ragged(index, k, v, place.slots)
+        keys, values = cache.read(index, place.end, place.rows)
         causal = attn_mask is None and length > 1
-        if causal and start > 0:
+        if causal and place.end > length:
             raise ValueError("a causal forward over several tokens on a non-empty cache needs an explicit mask")
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=attn_mask, is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads
@@ -138,6 +172,36 @@ class NativeCausalLM(TargetModel):
         return self._linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
 
 
+@dataclass
+class BatchForwardOutput:
+    """Logits ``[B, T, V]`` of a batched forward and hidden states ``{layer: [B, T, hidden]}``."""
+
+    logits: torch.Tensor
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where a forward's new keys and values go: one ``start`` for every row, or per-row ``slots``."""
+
+    start: int
+    end: int
+    rows: slice | None
+    slots: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, cache: StaticKVCache, start: int | list[int], shape: torch.Size, rows: slice | None) -> _Placement:
+        batch, count = shape
+        if isinstance(start, int):
+            return cls(start, start + count, rows)
+        if len(start) != batch:
+            raise ValueError(f"{len(start)} start positions for a batch of {batch} rows")
+        if len(set(start)) == 1:
+            return cls(start[0], start[0] + count, rows)
+        rows = rows if rows is not None else slice(0, batch)
+        return cls(-1, max(start) + count, rows, cache.ragged_slots(list(start), count, rows))
+
+
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     half = x.shape[-1] // 2
@@ -146,62 +210,120 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 
 class NativeSession(TargetSession):
-    """One sequence in a :class:`NativeCausalLM`, with its own static KV cache."""
+    """One sequence in a :class:`NativeCausalLM`: by default with its own static KV cache; given ``cache`` and
+    ``row``, a view on one row of a shared multi-row cache (a server's batch)."""
 
     capabilities = frozenset({TREE, HIDDEN_STATES, LAYER_SKIP})
 
-    def __init__(self, model: NativeCausalLM, max_len: int) -> None:
+    def __init__(self, model: NativeCausalLM, max_len: int = 0, cache: StaticKVCache | None = None,
+                 row: int = 0) -> None:
         self.model = model
-        self.cache = model.new_cache(max_len)
+        self._owns_cache = cache is None
+        self.cache = model.new_cache(max_len) if cache is None else cache
+        self.row = row
         self._verify_start = 0
 
     @property
+    def row(self) -> int:
+        return self._row
+
+    @row.setter
+    def row(self, row: int) -> None:
+        """Move the view to another cache row (the caller moves the entries: :meth:`StaticKVCache.move_row`)."""
+        self._row = row
+        self._rows = None if self._owns_cache else slice(row, row + 1)
+
+    @property
     def cached_length(self) -> int:
-        return self.cache.length
+        return self.cache.lengths[self._row]
 
     def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
-        self.cache.reset()
+        self.cache.truncate(0, self._row)
         return self.extend(prompt_ids)
 
     def extend(self, token_ids: list[int]) -> torch.Tensor:
         """Append ``token_ids`` to the cache; return the logits ``[V]`` after the last of them."""
-        start = self.cache.length
+        start = self.cache.lengths[self._row]
         count = len(token_ids)
         positions = torch.arange(start, start + count).unsqueeze(0)
         mask = None if start == 0 or count == 1 else _causal_mask(start, count).unsqueeze(0)
         out = self.model.forward(
-            torch.tensor([token_ids]), positions, self.cache, start, mask, logit_rows=slice(-1, None)
+            torch.tensor([token_ids]), positions, self.cache, start, mask, logit_rows=slice(-1, None),
+            rows=self._rows,
         )
-        self.cache.truncate(start + count)
+        self.cache.truncate(start + count, self._row)
         return out.logits[-1]
 
     def truncate(self, length: int) -> None:
-        self.cache.truncate(length)
+        self.cache.truncate(length, self._row)
 
     def verify(self, root: int, tree: DraftTree, hidden_layers: tuple[int, ...] = ()) -> ForwardOutput:
-        start = self.cache.length
+        start = self.cache.lengths[self._row]
         self._verify_start = start
         tokens = verification_tokens(root, tree).unsqueeze(0)
         positions = verification_positions(start, tree).unsqueeze(0)
         mask = _prefixed(verification_mask(tree), start).unsqueeze(0) if tree.size else None
-        return self.model.forward(tokens, positions, self.cache, start, mask, hidden_layers=hidden_layers)
+        return self.model.forward(tokens, positions, self.cache, start, mask, hidden_layers=hidden_layers,
+                                  rows=self._rows)
 
     def commit(self, accepted_nodes: list[int]) -> None:
-        self.cache.compact(self._verify_start, [0] + [node + 1 for node in accepted_nodes])
+        self.cache.compact(self._verify_start, [0] + [node + 1 for node in accepted_nodes], self._row)
 
     def draft_forward(
         self, tokens: list[int], skip_layers: frozenset[int], hidden_layers: tuple[int, ...] = (), offset: int = 0
     ) -> ForwardOutput:
-        start = self.cache.length + offset
+        start = self.cache.lengths[self._row] + offset
         count = len(tokens)
         positions = torch.arange(start, start + count).unsqueeze(0)
         mask = None if count == 1 else _causal_mask(start, count).unsqueeze(0)
         return self.model.forward(
-            torch.tensor([tokens]), positions, self.cache, start, mask, skip_layers, hidden_layers
+            torch.tensor([tokens]), positions, self.cache, start, mask, skip_layers, hidden_layers, rows=self._rows
         )
 
     def close(self) -> None:
-        self.cache = self.model.new_cache(1)
+        if self._owns_cache:
+            self.cache = self.model.new_cache(1)
+        else:
+            self.cache.truncate(0, self._row)
+
+
+def verify_batch(sessions: list[NativeSession], roots: list[int], trees: list[DraftTree],
+                 hidden_layers: tuple[int, ...] = ()) -> list[ForwardOutput]:
+    """Verify one tree per session in ONE forward; the sessions are views on consecutive rows of one shared
+    cache, each with its own committed length. Row ``b`` of the forward is session ``b``'s root and tree,
+    padded to the widest tree (padding rows attend only to themselves and are dropped); its mask lets it see
+    its own committed prefix and its own ancestors in the tree, nothing else. Returns each session's
+    :meth:`NativeSession.verify` output; :meth:`NativeSession.commit` then works per session as usual."""
+    if not sessions:
+        return []
+    model, cache, first = sessions[0].model, sessions[0].cache, sessions[0].row
+    for offset, session in enumerate(sessions):
+        if session.cache is not cache or session.row != first + offset:
+            raise ValueError("verify_batch needs views on consecutive rows of one shared cache")
+    starts = [session.cached_length for session in sessions]
+    width = 1 + max(tree.size for tree in trees)
+    span = max(starts) + width
+    batch = len(sessions)
+    tokens = torch.zeros(batch, width, dtype=torch.long)
+    positions = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, span, dtype=torch.bool)
+    for b, (session, root, tree, start) in enumerate(zip(sessions, roots, trees, starts)):
+        rows = tree.size + 1
+        tokens[b, :rows] = verification_tokens(root, tree)
+        positions[b, :rows] = verification_positions(start, tree)
+        positions[b, rows:] = start
+        mask[b, :, :start] = True
+        mask[b, :rows, start : start + rows] = verification_mask(tree)
+        pad = torch.arange(rows, width)
+        mask[b, pad, start + pad] = True
+        session._verify_start = start
+    out = model.forward_batch(tokens, positions, cache, starts, mask, hidden_layers=hidden_layers,
+                              rows=slice(first, first + batch))
+    results = []
+    for b, tree in enumerate(trees):
+        rows = tree.size + 1
+        results.append(ForwardOutput(out.logits[b, :rows], {k: v[b, :rows] for k, v in out.hidden.items()}))
+    return results
 
 
 def _causal_mask(start: int, count: int) -> torch.Tensor:

@@ -1,0 +1,276 @@
+"""Load generator for an OpenAI-compatible server: concurrent streaming clients, every stream checked.
+
+Against a running server::
+
+    python -m quickdraft.server.loadtest --url http://127.0.0.1:8000 --clients 32 --requests 500
+
+or, to compare batched speculation with plain batched decoding on one model in one run (both servers are
+started in this process, one after the other, on loopback)::
+
+    python -m quickdraft.server.loadtest --model default --drafter ngram --clients 32 --requests 500
+
+Each client sends streaming ``/v1/completions`` (or ``--chat``) requests back to back until ``--requests``
+have been sent in total. A stream counts as complete only if every event is ``data: {json}`` of the right
+object type, exactly one chunk carries a finish_reason, the usage chunk is present, and ``data: [DONE]``
+ends it. Reported: completed / failed requests, p50 / p99 latency and time to first token, and total
+completion tokens per second (completion tokens of all requests / wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+try:
+    import httpx
+except ImportError as error:  # a test dependency of quickdraft, not a runtime one
+    raise SystemExit("the load test needs httpx: pip install 'httpx>=0.27' (or quickdraft[test])") from error
+
+DEFAULT_PROMPTS = [
+    "Summarize: The library will close for renovation from June to August. During this time, books can be "
+    "returned at the community center, and the mobile library will visit each neighbourhood once a week.",
+    "Rewrite with descriptive names:\ndef f(a, b):\n    c = 0\n    for d in a:\n        if d > b:\n            c += d\n"
+    "    return c\n",
+    "What are three tips for staying focused while studying?",
+    "List the planets of the solar system in order from the sun, one per line.",
+    "Repeat this sentence three times: the quick brown fox jumps over the lazy dog.",
+    "Explain what a hash table is in two sentences.",
+    "Translate to French: Good morning, how are you today?",
+    "Write a haiku about autumn leaves.",
+]
+
+
+@dataclass
+class RequestRecord:
+    ok: bool
+    latency: float
+    ttft: float | None
+    completion_tokens: int
+    error: str | None = None
+    prompt: str = ""
+    text: str = ""
+
+
+@dataclass
+class LoadReport:
+    label: str
+    clients: int
+    requests: int
+    wall_seconds: float
+    records: list[RequestRecord] = field(default_factory=list)
+    note: str = ""  # what the server reported, when it ran in this process
+
+    @property
+    def completed(self) -> int:
+        return sum(r.ok for r in self.records)
+
+    @property
+    def failures(self) -> list[str]:
+        return [r.error or "?" for r in self.records if not r.ok]
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(r.completion_tokens for r in self.records if r.ok)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def latency(self, quantile: float) -> float:
+        return _quantile([r.latency for r in self.records if r.ok], quantile)
+
+    def ttft(self, quantile: float) -> float:
+        return _quantile([r.ttft for r in self.records if r.ok and r.ttft is not None], quantile)
+
+    def summary(self) -> str:
+        return (f"{self.label}: {self.completed}/{self.requests} complete, {len(self.failures)} failed, "
+                f"{self.clients} clients, latency p50 {self.latency(0.5) * 1000:.0f} ms "
+                f"p99 {self.latency(0.99) * 1000:.0f} ms, ttft p50 {self.ttft(0.5) * 1000:.0f} ms "
+                f"p99 {self.ttft(0.99) * 1000:.0f} ms, {self.completion_tokens} tokens in "
+                f"{self.wall_seconds:.1f} s = {self.tokens_per_second:.1f} tokens/s"
+                + (f"; {self.note}" if self.note else ""))
+
+
+def _quantile(values: list[float], quantile: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, int(round(quantile * (len(ordered) - 1)))))
+    return ordered[index]
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], chat: bool) -> RequestRecord:
+    """Send one streaming request and check the stream is complete and well-formed."""
+    started = time.perf_counter()
+    ttft = None
+    expected_object = "chat.completion.chunk" if chat else "text_completion"
+    finishes = 0
+    usage = None
+    done = False
+    texts: list[str] = []
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                return RequestRecord(False, time.perf_counter() - started, None, 0,
+                                     f"HTTP {response.status_code}: {text[:200]}")
+            if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                return RequestRecord(False, time.perf_counter() - started, None, 0, "not an event stream")
+            buffer = ""
+            async for piece in response.aiter_text():
+                buffer += piece
+                while "\n\n" in buffer:
+                    event, buffer = buffer.split("\n\n", 1)
+                    if done:
+                        raise ValueError("data after [DONE]")
+                    if not event.startswith("data: "):
+                        raise ValueError(f"malformed event {event[:80]!r}")
+                    data = event[len("data: "):]
+                    if data == "[DONE]":
+                        done = True
+                        continue
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise ValueError(f"error event: {chunk['error']}")
+                    if chunk.get("object") != expected_object:
+                        raise ValueError(f"wrong object {chunk.get('object')!r}")
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    for choice in chunk["choices"]:
+                        text = choice["delta"].get("content") if chat else choice["text"]
+                        if text:
+                            texts.append(text)
+                            if ttft is None:
+                                ttft = time.perf_counter() - started
+                        if choice["finish_reason"] is not None:
+                            finishes += 1
+            if buffer.strip():
+                raise ValueError(f"trailing bytes {buffer[:80]!r}")
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
+        return RequestRecord(False, time.perf_counter() - started, ttft, 0, f"{type(error).__name__}: {error}")
+    latency = time.perf_counter() - started
+    if not done:
+        return RequestRecord(False, latency, ttft, 0, "stream ended without [DONE]")
+    if finishes != 1:
+        return RequestRecord(False, latency, ttft, 0, f"{finishes} finish_reason chunks")
+    if usage is None:
+        return RequestRecord(False, latency, ttft, 0, "no usage chunk")
+    return RequestRecord(True, latency, ttft, int(usage["completion_tokens"]), text="".join(texts))
+
+
+async def run_load(base_url: str, model: str, clients: int = 32, requests: int = 500, max_tokens: int = 32,
+                   prompts: list[str] | None = None, api_key: str | None = None, chat: bool = False,
+                   temperature: float = 0.0, timeout: float = 600.0, label: str = "load") -> LoadReport:
+    """``requests`` streaming requests from ``clients`` concurrent clients; at most ``timeout`` seconds."""
+    prompts = prompts or DEFAULT_PROMPTS
+    url = base_url.rstrip("/") + ("/v1/chat/completions" if chat else "/v1/completions")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    counter = iter(range(requests))
+    records: list[RequestRecord] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        for index in counter:
+            prompt = prompts[index % len(prompts)]
+            body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "temperature": temperature,
+                                    "stream": True, "stream_options": {"include_usage": True}, "seed": index}
+            if chat:
+                body["messages"] = [{"role": "user", "content": prompt}]
+            else:
+                body["prompt"] = prompt
+            record = await one_stream(client, url, body, chat)
+            record.prompt = prompt
+            records.append(record)
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=httpx.Timeout(timeout)) as client:
+        try:
+            await asyncio.wait_for(asyncio.gather(*(client_loop(client) for _ in range(clients))), timeout)
+        except asyncio.TimeoutError:
+            pass
+    wall = time.perf_counter() - started
+    missing = requests - len(records)
+    records += [RequestRecord(False, wall, None, 0, "not finished before the timeout")] * missing
+    return LoadReport(label, clients, requests, wall, records)
+
+
+def _served_model(base_url: str, api_key: str | None) -> str:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
+    response.raise_for_status()
+    return response.json()["data"][0]["id"]
+
+
+def compare_embedded(model: str | None, drafter: str, clients: int, requests: int, max_tokens: int,
+                     max_batch: int, dtype: str = "auto", device: str | None = None, chat: bool = False,
+                     timeout: float = 600.0, drafter_options: dict[str, Any] | None = None) -> list[LoadReport]:
+    """Serve ``model`` in this process with ``drafter`` and then with none; the same load against each."""
+    from quickdraft.engine import Engine
+    from quickdraft.server.background import start_server
+
+    from quickdraft.server.cli import _shared_drafter_options
+
+    engine = Engine.from_pretrained(model, None, dtype, device)
+    drafter_options = _shared_drafter_options(dict(drafter_options or {}), engine)
+    reports = []
+    for name in (drafter, "none"):
+        with start_server(engine, name, drafter_options if name == drafter else None, max_batch=max_batch,
+                          max_seq_len=min(2048, engine.loaded.target.max_context)) as server:
+            report = asyncio.run(run_load(server.url, server.model_name, clients, requests, max_tokens,
+                                          chat=chat, timeout=timeout, label=f"drafter {name}, max batch {max_batch}"))
+            stats = server.scheduler.stats
+            report.note = (f"tau {stats.tau:.2f}, {stats.accepted_tokens}/{stats.drafted_tokens} draft tokens "
+                           f"accepted, {stats.batch_forwards} batched forwards")
+            reports.append(report)
+    return reports
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m quickdraft.server.loadtest", description=__doc__.split("\n")[0])
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    target.add_argument("--model", help="serve this model in-process (or 'default'), with --drafter and without")
+    parser.add_argument("--drafter", default="ngram", help="with --model: the drafter compared against none")
+    parser.add_argument("--drafter-option", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for --model")
+    parser.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    args = parser.parse_args(argv)
+    if args.url:
+        model = _served_model(args.url, args.api_key)
+        reports = [asyncio.run(run_load(args.url, model, args.clients, args.requests, args.max_tokens,
+                                        api_key=args.api_key, chat=args.chat, timeout=args.timeout,
+                                        label=args.url))]
+    else:
+        from quickdraft.cli import parse_option
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        options = dict(parse_option(item) for item in args.drafter_option)
+        reports = compare_embedded(args.model, args.drafter, args.clients, args.requests, args.max_tokens,
+                                   args.max_batch, args.dtype, args.device, args.chat, args.timeout, options)
+    for report in reports:
+        print(report.summary())
+        for failure in report.failures[:5]:
+            print("  failure:", failure)
+    if len(reports) == 2 and reports[1].tokens_per_second > 0:
+        print(f"speculation vs none: {reports[0].tokens_per_second / reports[1].tokens_per_second:.2f}x tokens/s")
+    return 0 if all(not r.failures for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

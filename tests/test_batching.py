@@ -1,0 +1,278 @@
+"""Batched verification and the batch scheduler: one forward over ragged rows equals per-sequence forwards,
+and every request served in a batch gets exactly what plain decoding gives it."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import perturbed_copy, tiny_engine, tiny_hf_model
+from quickdraft.batch_budget import AcceptanceEstimate, BatchBudgetPolicy, expected_accepted
+from quickdraft.batching import Admitted, BatchScheduler, Delta, Failed, Finished, ServeRequest
+from quickdraft.budget import CostCurve
+from quickdraft.drafters import available_drafters, register
+from quickdraft.drafters.base import Drafter
+from quickdraft.kv import StaticKVCache
+from quickdraft.models.native import NativeCausalLM, NativeSession, verify_batch
+from quickdraft.types import DraftTree, SamplingParams
+
+PROMPTS = [
+    [5, 6, 7, 8, 5, 6, 7, 8, 5, 6],
+    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 1, 2, 3],
+    [40, 41, 42, 40, 41, 42, 43, 44, 40],
+    [70, 3, 70, 3, 70],
+    [9],
+    [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 20, 21],
+    [60, 61, 60, 61, 60, 61, 62],
+    [11, 12, 13, 11, 12, 13, 11, 12, 13, 14, 15],
+]
+LENGTHS = [30, 45, 12, 60, 7, 33, 50, 20]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The test machine's cores are shared: one torch thread keeps timings and the suite steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_verify_batch_matches_per_sequence_verification_with_ragged_lengths_and_trees(architecture):
+    model = NativeCausalLM(tiny_hf_model(architecture))
+    generator = torch.Generator().manual_seed(0)
+    lengths = [5, 23, 9, 1]
+    prompts = [torch.randint(0, 90, (n,), generator=generator).tolist() for n in lengths]
+    trees = [
+        DraftTree.from_paths([[1, 2, 3], [1, 4], [7, 8, 9, 10]]),
+        DraftTree.empty(),
+        DraftTree.chain([3, 4, 5, 6, 7, 8]),
+        DraftTree.from_paths([[50], [51], [52, 53]]),
+    ]
+    cache = model.new_cache(64, batch=len(prompts))
+    views = [NativeSession(model, cache=cache, row=i) for i in range(len(prompts))]
+    for view, prompt in zip(views, prompts):
+        view.prefill(prompt[:-1]) if len(prompt) > 1 else None
+    outputs = verify_batch(views, [p[-1] for p in prompts], trees)
+    alone = []
+    for prompt, tree, out in zip(prompts, trees, outputs):
+        session = model.new_session(64)
+        if len(prompt) > 1:
+            session.prefill(prompt[:-1])
+        expected = session.verify(prompt[-1], tree)
+        assert out.logits.shape == expected.logits.shape == (tree.size + 1, model.vocab_size)
+        assert (out.logits - expected.logits).abs().max() < 1e-4
+        alone.append(session)
+    # Ragged acceptance: each row keeps its own accepted path, then a second batched step still matches.
+    accepted = [[0, 1, 2], [], [0, 1], [2, 3]]
+    for view, session, nodes in zip(views, alone, accepted):
+        view.commit(nodes)
+        session.commit(nodes)
+        assert view.cached_length == session.cached_length
+    second = [DraftTree.chain([9, 9]), DraftTree.from_paths([[4, 5], [6]]), DraftTree.empty(), DraftTree.chain([1])]
+    outputs = verify_batch(views, [31, 32, 33, 34], second)
+    for session, tree, root, out in zip(alone, second, [31, 32, 33, 34], outputs):
+        assert (out.logits - session.verify(root, tree).logits).abs().max() < 1e-4
+
+
+def test_ragged_cache_writes_and_row_moves():
+    cache = StaticKVCache(num_layers=1, batch=3, num_kv_heads=1, max_len=8, head_dim=1, dtype=torch.float32)
+    cache.lengths = [2, 0, 5]
+    values = torch.arange(6, dtype=torch.float32).view(3, 1, 2, 1) + 1
+    slots = cache.ragged_slots(cache.lengths, 2, slice(0, 3))
+    cache.write_ragged(0, values, -values, slots)
+    assert cache.keys[0, 0, 0, 2:4, 0].tolist() == [1, 2]
+    assert cache.keys[0, 1, 0, 0:2, 0].tolist() == [3, 4]
+    assert cache.values[0, 2, 0, 5:7, 0].tolist() == [-5, -6]
+    cache.lengths = [4, 2, 7]
+    cache.move_row(2, 0)
+    assert cache.lengths == [7, 2, 0] and cache.keys[0, 0, 0, 5:7, 0].tolist() == [5, 6]
+    with pytest.raises(ValueError, match="overflow"):
+        cache.ragged_slots([7, 0], 2, slice(0, 2))
+
+
+def test_budget_policy_speculates_when_cheap_and_stops_when_the_batch_makes_it_expensive():
+    flat = BatchBudgetPolicy(CostCurve.flat(), max_budget=16)
+    assert flat.choose([0.8] * 8, [100] * 8) == 16
+    linear = BatchBudgetPolicy(CostCurve((1, 2, 512), (1.0, 2.0, 512.0)), max_budget=16)
+    assert linear.choose([0.8] * 8, [100] * 8) == 0  # every extra row costs a full row: never pays
+    knee = BatchBudgetPolicy(CostCurve((1, 8, 16, 64, 256), (1.0, 1.05, 1.2, 4.0, 16.0)), max_budget=16)
+    alone = knee.choose([0.8], [100])
+    crowded = knee.choose([0.8] * 16, [100] * 16)
+    assert alone >= 4 and crowded < alone
+    assert knee.choose([0.05], [100]) < alone  # a drafter that is rarely right gets less
+    assert flat.choose([0.8, 0.8], [0, 0]) == 0  # no room left: nothing to draft
+    assert expected_accepted(0.5, 2) == pytest.approx(0.75)
+    estimate = AcceptanceEstimate()
+    estimate.update(4, 1)  # one accepted, then one rejected: 2 tried
+    estimate.update(3, 3)
+    assert (estimate.accepted, estimate.tried) == (4, 5)
+
+
+class Collector:
+    """Collects one request's events (called from the scheduler thread)."""
+
+    def __init__(self) -> None:
+        self.events = []
+        self.done = threading.Event()
+
+    def __call__(self, event) -> None:
+        self.events.append(event)
+        if isinstance(event, (Finished, Failed)):
+            self.done.set()
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for e in self.events if isinstance(e, Delta) for t in e.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, Delta))
+
+    @property
+    def final(self):
+        return self.events[-1]
+
+
+def serve_all(scheduler, prompts, lengths, params=None, stop=None):
+    collectors = []
+    for prompt, length in zip(prompts, lengths):
+        collector = Collector()
+        scheduler.submit(ServeRequest(prompt, length, params or SamplingParams(), list(stop or []), collector))
+        collectors.append(collector)
+    for collector in collectors:
+        assert collector.done.wait(60), "a request never finished"
+    return collectors
+
+
+@pytest.mark.parametrize("drafter, curve", [("ngram", CostCurve.flat()), ("suffix", None), ("none", None)])
+def test_concurrent_greedy_requests_equal_plain_decoding(drafter, curve):
+    engine = tiny_engine("llama")
+    expected = [engine.generate_ids(p, n) for p, n in zip(PROMPTS, LENGTHS)]
+    scheduler = BatchScheduler(engine, drafter, max_batch=4, cost_curve=curve).start()
+    try:
+        collectors = serve_all(scheduler, PROMPTS, LENGTHS)
+        for collector, want in zip(collectors, expected):
+            assert isinstance(collector.events[0], Admitted)
+            assert collector.tokens == want.token_ids
+            assert collector.text == want.text
+            assert collector.final.finish_reason == want.finish_reason
+            assert collector.final.completion_tokens == len(want.token_ids)
+        stats = scheduler.stats
+        assert stats.finished == len(PROMPTS) and scheduler.active == 0
+        assert stats.batch_forwards < sum(len(w.token_ids) for w in expected)  # sequences shared forwards
+        if drafter == "ngram":
+            assert stats.accepted_tokens > 0 and stats.tau > 1.0
+    finally:
+        scheduler.close()
+
+
+def batch_drafters() -> list[str]:
+    return [n for n in available_drafters() if n not in ("xvocab", "ngram", "suffix") and not n.startswith("test-")]
+
+
+@pytest.mark.parametrize("drafter", batch_drafters())
+def test_every_drafter_is_lossless_in_a_batch(drafter):
+    """Drafters that need target logits or the target's own session (self-speculation on its cache row)
+    work per sequence inside a batch."""
+    engine = tiny_engine("qwen2")
+    options = {"model": NativeCausalLM(perturbed_copy(engine.hf_model))} if drafter == "draft" else None
+    expected = [engine.generate_ids(p, n).token_ids for p, n in zip(PROMPTS[:5], LENGTHS[:5])]
+    scheduler = BatchScheduler(engine, drafter, options, max_batch=3, max_draft=8, cost_curve=CostCurve.flat())
+    try:
+        got = serve_all(scheduler.start(), PROMPTS[:5], LENGTHS[:5])
+        assert [c.tokens for c in got] == expected
+        assert scheduler.stats.drafted_tokens > 0
+    finally:
+        scheduler.close()
+
+
+def test_stop_strings_and_seeded_sampling_match_the_engine():
+    engine = tiny_engine("llama")
+    engine.eos_token_ids = frozenset()
+    full = engine.generate_ids(PROMPTS[1], 40)
+    stop = full.text[10:13]
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=5)
+    sampled = [engine.generate_ids(p, 25, SamplingParams(temperature=0.8, top_p=0.9, seed=5)) for p in PROMPTS[:4]]
+    scheduler = BatchScheduler(engine, None, max_batch=3).start()
+    try:
+        [cut] = serve_all(scheduler, [PROMPTS[1]], [40], stop=[stop])
+        assert cut.text == full.text[: full.text.index(stop)] and cut.final.finish_reason == "stop"
+        # Plain batched decoding draws from each request's own generator exactly as the engine does.
+        got = serve_all(scheduler, PROMPTS[:4], [25] * 4, params)
+        assert [c.tokens for c in got] == [s.token_ids for s in sampled]
+    finally:
+        scheduler.close()
+
+
+def test_bad_requests_fail_alone_and_long_requests_are_clamped():
+    engine = tiny_engine("llama")
+    scheduler = BatchScheduler(engine, "ngram", max_batch=2, max_seq_len=64, cost_curve=CostCurve.flat()).start()
+    try:
+        too_long, empty, bad_id, clamped, good = serve_all(
+            scheduler, [[1] * 64, [], [500], [1, 2, 3] * 20, PROMPTS[0]], [5, 5, 5, 100, 10])
+        assert isinstance(too_long.final, Failed) and too_long.final.code == "context_length_exceeded"
+        assert isinstance(empty.final, Failed) and "empty" in empty.final.message
+        assert isinstance(bad_id.final, Failed) and "vocabulary" in bad_id.final.message
+        assert clamped.events[0].max_new_tokens == 4
+        assert len(clamped.tokens) <= 4
+        assert good.tokens == engine.generate_ids(PROMPTS[0], 10).token_ids
+    finally:
+        scheduler.close()
+
+
+@register("test-slow-counting")
+class SlowCountingDrafter(Drafter):
+    """Proposes nothing, slowly; counts begin/end calls across all instances."""
+
+    begun = 0
+    ended = 0
+
+    def begin(self, ctx):
+        type(self).begun += 1
+
+    def propose(self, ctx, budget):
+        time.sleep(0.01)
+        return DraftTree.empty()
+
+    def end(self):
+        type(self).ended += 1
+
+
+def test_cancel_frees_the_slot_and_ends_the_drafter_at_once():
+    engine = tiny_engine("llama")
+    engine.eos_token_ids = frozenset()
+    scheduler = BatchScheduler(engine, "test-slow-counting", max_batch=2, cost_curve=CostCurve.flat()).start()
+    try:
+        ended = SlowCountingDrafter.ended
+        collector = Collector()
+        ticket = scheduler.submit(ServeRequest(PROMPTS[0], 400, SamplingParams(), [], collector))
+        deadline = time.monotonic() + 10
+        while not any(isinstance(e, Delta) for e in collector.events) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scheduler.active == 1
+        scheduler.cancel(ticket)
+        deadline = time.monotonic() + 5
+        while scheduler.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scheduler.active == 0 and scheduler.stats.cancelled == 1
+        assert SlowCountingDrafter.ended == ended + 1
+        assert not collector.done.is_set()  # a cancelled request gets no more events
+        [after] = serve_all(scheduler, [PROMPTS[2]], [8])
+        assert after.tokens == engine.generate_ids(PROMPTS[2], 8).token_ids
+        assert scheduler._drafters_built <= 2  # drafters are pooled, not built per request
+    finally:
+        scheduler.close()
+
+
+def test_transformers_fallback_is_served_one_request_at_a_time():
+    engine = tiny_engine("llama", native=False)
+    expected = [engine.generate_ids(p, n).token_ids for p, n in zip(PROMPTS[:3], LENGTHS[:3])]
+    scheduler = BatchScheduler(engine, "ngram", max_batch=4).start()
+    try:
+        assert not scheduler.batched
+        got = serve_all(scheduler, PROMPTS[:3], LENGTHS[:3])
+        assert [c.tokens for c in got] == expected
+    finally:
+        scheduler.close()
