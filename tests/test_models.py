@@ -5,7 +5,7 @@ import torch
 
 from conftest import ARCHITECTURES, tiny_hf_model
 from quickdraft.models.hf import HFCausalLM
-from quickdraft.models.native import NativeCausalLM, row_invariant_linear
+from quickdraft.models.native import NativeCausalLM
 from quickdraft.types import DraftTree
 
 
@@ -84,16 +84,6 @@ def test_hf_fallback_matches_transformers_and_crops():
     assert (out.logits - reference_logits(hf_model, ids)[5:]).abs().max() < 1e-4
     with pytest.raises(ValueError, match="chains only"):
         session.verify(1, DraftTree.from_paths([[1], [2]]))
-
-
-def test_row_invariant_linear_equals_rowwise_calls():
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(48, 1536, generator=generator).bfloat16()
-    x = torch.randn(21, 1536, generator=generator).bfloat16()
-    together = row_invariant_linear(x, weight)
-    alone = torch.cat([row_invariant_linear(x[i : i + 1], weight) for i in range(21)])
-    assert torch.equal(together, alone)
-    assert (together.float() - torch.nn.functional.linear(x, weight).float()).abs().max() < 0.1
 
 
 def test_all_architectures_are_covered():

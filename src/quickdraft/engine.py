@@ -87,11 +87,10 @@ class Engine:
         device: str | None = None,
         drafter_options: dict[str, Any] | None = None,
         draft_budget: int | None = None,
-        row_invariant: bool = False,
     ) -> Engine:
         """Load ``model`` (None: the embedded default) and build ``drafter`` (None or "none": plain decoding)."""
         _check_drafter_name(drafter)
-        loaded = load_model(model, dtype=dtype, device=device, row_invariant=row_invariant)
+        loaded = load_model(model, dtype=dtype, device=device)
         return cls(loaded, _build_drafter(loaded, drafter, drafter_options), draft_budget)
 
     def with_drafter(self, drafter: str | None, drafter_options: dict[str, Any] | None = None,

@@ -83,8 +83,6 @@ class TargetModel(ABC):
     num_layers: int
     device: torch.device
     dtype: torch.dtype
-    #: True when a row's logits do not depend on how many rows a forward has (bit-exact verification).
-    row_invariant: bool = False
 
     @abstractmethod
     def new_session(self, max_len: int) -> TargetSession:

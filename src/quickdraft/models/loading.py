@@ -108,7 +108,6 @@ def load_model(
     dtype: str = "auto",
     device: str | None = None,
     native: bool | None = None,
-    row_invariant: bool = False,
 ) -> LoadedModel:
     """Load tokenizer and model. ``native=None`` uses the native forward for supported architectures and
     the transformers fallback for the rest; True insists on native, False forces the fallback."""
@@ -126,7 +125,7 @@ def load_model(
         )
     if not use_native:
         log.info("architecture %s runs through the transformers fallback (chain verification)", model_type)
-    target = NativeCausalLM(hf_model, row_invariant) if use_native else HFCausalLM(hf_model)
+    target = NativeCausalLM(hf_model) if use_native else HFCausalLM(hf_model)
     return LoadedModel(str(path), tokenizer, hf_model, target)
 
 

@@ -6,9 +6,6 @@ model, and orchestrates them itself so that it can
 - keep keys and values in a :class:`~quickdraft.kv.StaticKVCache` (O(1) rollback, in-place compaction),
 - run a forward over a token tree with per-node positions and a tree attention mask,
 - return hidden states of chosen layers, and skip chosen layers per call (no shared state is mutated),
-- optionally compute every linear layer *row-invariantly*: each row's result is the same whether a call
-  has 1 row or 64, so verification reproduces plain decoding bit for bit in bfloat16 (see
-  :func:`row_invariant_linear`),
 - verify several sequences in one forward (:func:`verify_batch`): each batch row is one sequence with its own
   cache length (ragged), its own write slots and its own tree mask, rows padded to the same width.
 """
@@ -27,30 +24,10 @@ from quickdraft.types import DraftTree
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
-#: Rows per call of :func:`row_invariant_linear`.
-ROW_BLOCK = 16
-
-
-def row_invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` whose per-row result does not depend on how many rows the call has.
-
-    CPU GEMM kernels block rows, and the reduction order for a row can differ between a 1-row call and a
-    k-row call. Padding every call to whole blocks of ``ROW_BLOCK`` rows makes every row go through the
-    same kernel path, at the price of computing up to ``ROW_BLOCK - 1`` padding rows."""
-    shape = x.shape
-    rows = x.reshape(-1, shape[-1])
-    count = rows.shape[0]
-    padded = -count % ROW_BLOCK
-    if padded:
-        rows = torch.cat([rows, rows.new_zeros(padded, rows.shape[1])])
-    out = torch.cat([F.linear(block, weight, bias) for block in rows.split(ROW_BLOCK)])
-    return out[:count].reshape(*shape[:-1], weight.shape[0])
-
-
 class NativeCausalLM(TargetModel):
     """Wraps a loaded transformers Llama-family model; see the module docstring."""
 
-    def __init__(self, hf_model: torch.nn.Module, row_invariant: bool = False) -> None:
+    def __init__(self, hf_model: torch.nn.Module) -> None:
         config = hf_model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"native forward supports {sorted(SUPPORTED_MODEL_TYPES)}, not {config.model_type}")
@@ -69,8 +46,6 @@ class NativeCausalLM(TargetModel):
         self.num_layers = config.num_hidden_layers
         self.device = hf_model.lm_head.weight.device
         self.dtype = hf_model.lm_head.weight.dtype
-        self.row_invariant = row_invariant
-        self._linear = row_invariant_linear if row_invariant else F.linear
 
     def new_session(self, max_len: int) -> NativeSession:
         return NativeSession(self, max_len)
@@ -135,7 +110,7 @@ class NativeCausalLM(TargetModel):
         normed = self.final_norm(hidden[:, logit_rows])
         if -1 in hidden_layers:
             collected[-1] = normed
-        return self._linear(normed, self.lm_head.weight, self.lm_head.bias), collected
+        return F.linear(normed, self.lm_head.weight, self.lm_head.bias), collected
 
     def _decoder_layer(self, layer, index, hidden, cos, sin, cache, place, attn_mask) -> torch.Tensor:
         residual = hidden
@@ -145,9 +120,9 @@ class NativeCausalLM(TargetModel):
 
     def _attention(self, attn, x, index, cos, sin, cache, place, attn_mask) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self._linear(x, attn.q_proj.weight, attn.q_proj.bias).view(batch, length, self.num_heads, self.head_dim)
-        k = self._linear(x, attn.k_proj.weight, attn.k_proj.bias).view(batch, length, self.num_kv_heads, self.head_dim)
-        v = self._linear(x, attn.v_proj.weight, attn.v_proj.bias).view(batch, length, self.num_kv_heads, self.head_dim)
+        q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(batch, length, self.num_heads, self.head_dim)
+        k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(batch, length, self.num_kv_heads, self.head_dim)
+        v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(batch, length, self.num_kv_heads, self.head_dim)
         if getattr(attn, "q_norm", None) is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -164,12 +139,12 @@ class NativeCausalLM(TargetModel):
             q, keys, values, attn_mask=attn_mask, is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads
         )
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
-        return self._linear(out, attn.o_proj.weight, attn.o_proj.bias)
+        return F.linear(out, attn.o_proj.weight, attn.o_proj.bias)
 
     def _mlp(self, mlp, x) -> torch.Tensor:
-        gate = self._linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
-        up = self._linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
-        return self._linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+        gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
+        up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
+        return F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
 
 
 @dataclass
