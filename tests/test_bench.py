@@ -36,7 +36,7 @@ from quickdraft.bench.runners import HFRunner, MethodOutput, cut_at_eos, import_
 from quickdraft.errors import InvalidRequestError
 from quickdraft.types import SamplingParams
 
-SPECBENCH = Path("/work/shared/specbench/question.jsonl")
+SPECBENCH = Path(__file__).resolve().parents[2] / "shared" / "specbench" / "question.jsonl"
 
 
 # ---------------------------------------------------------------- fakes
