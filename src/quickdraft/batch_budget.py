@@ -105,36 +105,13 @@ class BatchBudgetPolicy:
 
 
 def measure_batch_curve(target, max_rows: int, context: int = 32, repeats: int = 5) -> CostCurve:
-    """``c(rows)`` for rows ``1, 2, 4, ...`` up to at least ``max_rows``, timed through the batched
-    verification path (:func:`~quickdraft.models.native.verify_batch`, explicit masks) that a server uses:
-    one row holding a chain of ``rows`` rows on a short cache, the fastest of ``repeats`` runs each (robust to
-    a busy machine), made non-decreasing. Linear layers dominate at these sizes, so ``rows`` rows in one
-    sequence cost about what ``rows`` rows spread over a batch cost. A few forwards, run once at startup."""
-    import time
-
-    import numpy as np
-
-    from quickdraft.budget import _synchronize
-    from quickdraft.models.native import NativeSession, verify_batch
-    from quickdraft.types import DraftTree
-
+    """``c(rows)`` for rows ``1, 2, 4, ...`` up to at least ``max_rows`` on a short cache, measured with
+    :meth:`CostCurve.measure`. Linear layers dominate at these sizes, so ``rows`` rows in one sequence cost
+    about what ``rows`` rows spread over a batch cost. A few forwards, run once at startup."""
     rows = [1]
     while rows[-1] < max_rows:
         rows.append(min(rows[-1] * 2, max_rows))
     rows = [r for r in rows if r + context + 1 <= target.max_context] or [1]
     if len(rows) == 1:
         return CostCurve((1, 2), (1.0, 2.0))
-    session = NativeSession(target, cache=target.new_cache(context + max(rows) + 1))
-    session.prefill([1] * context)
-    times = []
-    for count in rows:
-        samples = []
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            verify_batch([session], [1], [DraftTree.chain([1] * (count - 1))])
-            _synchronize(target.device)
-            samples.append(time.perf_counter() - start)
-            session.truncate(context)
-        times.append(min(samples[1:]))
-    relative = np.maximum.accumulate(np.array(times) / times[0])
-    return CostCurve(tuple(rows), tuple(float(x) for x in relative))
+    return CostCurve.measure(target, rows=tuple(rows), context=context, rounds=repeats)
