@@ -103,6 +103,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     base = Engine.from_pretrained(args.model, None, args.dtype, args.device)
     methods = {"ar": base, args.drafter: base.with_drafter(args.drafter, _drafter_options(args), args.draft_budget)}
     totals = {name: [0, 0.0, 0] for name in methods}
+    warmup = base.encode_prompt("Say hello.")
+    for engine in methods.values():  # untimed: first-call costs (and the one-time cost-curve measurement)
+        engine.generate_ids(warmup, 8)
     identical = 0
     for prompt in DEMO_PROMPTS:
         ids = base.encode_prompt(prompt)
