@@ -6,6 +6,7 @@ import torch
 from conftest import ARCHITECTURES, tiny_hf_model
 from quickdraft.models.hf import HFCausalLM
 from quickdraft.models.native import NativeCausalLM
+from quickdraft.models.projection import OutputProjection
 from quickdraft.types import DraftTree
 
 
@@ -88,3 +89,16 @@ def test_hf_fallback_matches_transformers_and_crops():
 
 def test_all_architectures_are_covered():
     assert set(ARCHITECTURES) == {"llama", "mistral", "qwen2", "qwen3"}
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 32), (1, 3, 32), (2, 5, 32), (17, 32)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_output_projection_matches_linear_for_every_row_count(shape, bias):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 1000, bias=bias)
+    hidden = torch.randn(shape)
+    projection = OutputProjection(head)
+    assert projection.uses_cpu_layouts
+    logits = projection(hidden)
+    assert logits.shape == (*shape[:-1], 1000) and logits.is_contiguous()
+    torch.testing.assert_close(logits, head(hidden), rtol=1e-5, atol=1e-5)

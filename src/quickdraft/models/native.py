@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from quickdraft.kv import StaticKVCache
 from quickdraft.models.base import HIDDEN_STATES, LAYER_SKIP, TREE, ForwardOutput, TargetModel, TargetSession
+from quickdraft.models.projection import OutputProjection
 from quickdraft.tree import verification_mask, verification_positions, verification_tokens
 from quickdraft.types import DraftTree
 
@@ -36,7 +37,7 @@ class NativeCausalLM(TargetModel):
         self.layers = hf_model.model.layers
         self.embed_tokens = hf_model.model.embed_tokens
         self.final_norm = hf_model.model.norm
-        self.lm_head = hf_model.lm_head
+        self.output_projection = OutputProjection(hf_model.lm_head)
         self.rotary = hf_model.model.rotary_emb
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -110,7 +111,7 @@ class NativeCausalLM(TargetModel):
         normed = self.final_norm(hidden[:, logit_rows])
         if -1 in hidden_layers:
             collected[-1] = normed
-        return F.linear(normed, self.lm_head.weight, self.lm_head.bias), collected
+        return self.output_projection(normed), collected
 
     def _decoder_layer(self, layer, index, hidden, cos, sin, cache, place, attn_mask) -> torch.Tensor:
         residual = hidden
