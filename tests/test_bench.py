@@ -30,7 +30,7 @@ from quickdraft.bench.dataset import (
 from quickdraft.bench.divergence import compare_to_baseline, first_divergence, top2_gap_of
 from quickdraft.bench.harness import BenchRun, Record, count_generations, run_loop
 from quickdraft.bench.metrics import Totals, aggregate
-from quickdraft.bench.report import BenchReport, plot_speedups, render_table
+from quickdraft.bench.report import BenchReport, plot_speedups, render_table, source_revision
 from quickdraft.bench.run import run_bench
 from quickdraft.bench.runners import HFRunner, MethodOutput, cut_at_eos, import_llama, split_methods
 from quickdraft.errors import InvalidRequestError
@@ -616,3 +616,13 @@ def test_profile_from_saved_curve_with_bench_json(tmp_path, capsys, monkeypatch)
                                           str(tmp_path / "nope.json")])
     assert profile_main(args) == 2
 
+
+
+def test_source_revision_names_the_installed_version_and_the_checkout_commit():
+    import re
+
+    revision = source_revision()
+    assert isinstance(revision["version"], str) and revision["version"]
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", revision["commit"])

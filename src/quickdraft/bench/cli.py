@@ -223,8 +223,7 @@ def _profile(args: argparse.Namespace) -> int:
         ks = prof.parse_ks(args.ks)
         if args.context < 1:
             raise InvalidRequestError(f"--context must be >= 1, got {args.context}")
-        from quickdraft.bench.report import hardware_info
-        from quickdraft.bench.run import dtype_name
+        from quickdraft.bench.run import engine_settings
         from quickdraft.engine import Engine
 
         with console.status("loading the model ..."):
@@ -237,10 +236,7 @@ def _profile(args: argparse.Namespace) -> int:
                 timer, ks, args.repeats, on_measure=lambda k: progress.update(task, advance=1)
             )
         settings = {
-            "model": str(engine.model_path),
-            "dtype": dtype_name(engine.dtype),
-            "device": str(engine.device),
-            "hardware": hardware_info(engine.device),
+            **engine_settings(engine),
             "context": args.context,
             "repeats": args.repeats,
             "backend": timer.name,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,26 @@ def hardware_info(device: Any = None) -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(index or 0)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def source_revision() -> dict[str, Any]:
+    """Which quickdraft measured: its version and, in a git checkout, the commit (``-dirty`` if modified)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        revision: dict[str, Any] = {"version": version("quickdraft")}
+    except PackageNotFoundError:
+        revision = {"version": None}
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return revision
+    revision["commit"] = commit + ("-dirty" if dirty else "")
+    return revision
 
 
 def _cpu_name() -> str:
@@ -230,4 +251,4 @@ def plot_speedups(report: BenchReport, path: str | Path) -> None:
     figure.savefig(path, format="png", dpi=120)
 
 
-__all__ = ["BenchReport", "OVERALL", "hardware_info", "plot_speedups", "render_table"]
+__all__ = ["BenchReport", "OVERALL", "hardware_info", "plot_speedups", "render_table", "source_revision"]

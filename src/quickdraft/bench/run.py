@@ -9,7 +9,7 @@ from quickdraft.bench.dataset import Question
 from quickdraft.bench.divergence import GapFn, compare_to_baseline, engine_gap_fn
 from quickdraft.bench.harness import Conversation, EngineConversation, run_loop
 from quickdraft.bench.metrics import aggregate
-from quickdraft.bench.report import BenchReport, hardware_info
+from quickdraft.bench.report import BenchReport, hardware_info, source_revision
 from quickdraft.bench.runners import MethodRunner, build_runners, split_methods
 from quickdraft.errors import InvalidRequestError
 from quickdraft.types import SamplingParams
@@ -26,6 +26,7 @@ def engine_settings(engine: Any) -> dict[str, Any]:
         "dtype": dtype_name(engine.dtype),
         "device": str(engine.device),
         "hardware": hardware_info(engine.device),
+        "quickdraft": source_revision(),
     }
 
 
