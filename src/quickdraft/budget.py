@@ -9,8 +9,6 @@ commits ``1 + a(n)`` tokens on average, where ``a(n)`` is the drafter's mean acc
 
 estimating ``a(n)`` online for a ladder of budgets (an exponential moving average per budget) and
 exploring a neighbouring budget now and then (epsilon-greedy with a seeded RNG, so runs are repeatable).
-When no budget beats plain decoding's score of 1 (one token per 1-row forward) the step drafts nothing;
-the exploring steps keep measuring the best budget, so drafting resumes once it pays again.
 """
 
 from __future__ import annotations
@@ -27,8 +25,6 @@ from quickdraft.models.base import TargetModel
 from quickdraft.types import DraftTree
 
 DEFAULT_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-#: Committed tokens per unit of verification time of a step without a draft: 1 token for c(1) = 1.
-PLAIN_DECODING_SCORE = 1.0
 
 
 @dataclass(frozen=True)
@@ -88,14 +84,13 @@ class BudgetPolicy:
         self._rng = random.Random(seed)
 
     def choose(self, limit: int | None = None) -> int:
-        """The budget for the next step, at most ``limit``; 0 (a plain decoding step) when no budget is
-        expected to beat plain decoding."""
+        """The budget for the next step, at most ``limit``."""
         arms = [n for n in self.ladder if limit is None or n <= limit] or [min(self.ladder)]
         best = max(arms, key=self.score)
         if self._rng.random() < self.explore:
             index = arms.index(best) + self._rng.choice((-1, 1))
             return arms[min(max(index, 0), len(arms) - 1)]
-        return best if self.score(best) > PLAIN_DECODING_SCORE else 0
+        return best
 
     def score(self, budget: int) -> float:
         """Expected committed tokens per unit of verification time with ``budget`` nodes."""
