@@ -288,12 +288,19 @@ def test_xvocab_keeps_the_target_distribution_when_sampling():
         drafted += result.stats.drafted_tokens
     assert drafted > runs  # the speculative path really ran
     expected = _marginal_of_tokens_two_and_three(hf_model, prompt, vocab)
+    assert _chi_square_pvalue(counts, expected) > 1e-4
+
+
+def _chi_square_pvalue(counts: np.ndarray, expected: np.ndarray) -> float:
+    """Chi-square p-value of observed ``counts`` against probabilities ``expected``; outcomes expected fewer than
+    5 times are pooled into one bin."""
+    runs = counts.sum()
     mask = expected * runs >= 5
     observed, wanted = counts[mask], expected[mask] * runs
     if (~mask).any():
         observed = np.append(observed, counts[~mask].sum())
         wanted = np.append(wanted, expected[~mask].sum() * runs)
-    assert chisquare(observed, wanted * observed.sum() / wanted.sum()).pvalue > 1e-4
+    return chisquare(observed, wanted * observed.sum() / wanted.sum()).pvalue
 
 
 def _marginal_of_tokens_two_and_three(hf_model, prompt: list[int], vocab: int) -> np.ndarray:
@@ -392,9 +399,4 @@ def test_layerskip_keeps_the_target_distribution_when_sampling():
         tokens = engine.generate_ids(prompt, 4, SamplingParams(temperature=1.0, seed=seed)).token_ids
         counts[tokens[1] * vocab + tokens[2]] += 1
     expected = _marginal_of_tokens_two_and_three(hf_model, prompt, vocab)
-    mask = expected * runs >= 5
-    observed, wanted = counts[mask], expected[mask] * runs
-    if (~mask).any():
-        observed = np.append(observed, counts[~mask].sum())
-        wanted = np.append(wanted, expected[~mask].sum() * runs)
-    assert chisquare(observed, wanted * observed.sum() / wanted.sum()).pvalue > 1e-4
+    assert _chi_square_pvalue(counts, expected) > 1e-4

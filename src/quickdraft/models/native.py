@@ -13,6 +13,7 @@ model, and orchestrates them itself so that it can
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,27 +57,10 @@ class NativeCausalLM(TargetModel):
             self.num_layers, batch, self.num_kv_heads, max_len, self.head_dim, self.dtype, self.device
         )
 
-    @torch.inference_mode()
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        cache: StaticKVCache,
-        start: int | list[int],
-        mask: torch.Tensor | None,
-        skip_layers: frozenset[int] = frozenset(),
-        hidden_layers: tuple[int, ...] = (),
-        logit_rows: slice = slice(None),
-        rows: slice | None = None,
-    ) -> ForwardOutput:
-        """Run ``input_ids [B, T]`` at ``positions [B, T]``, writing keys/values at cache slots
-        ``start .. start + T``. ``mask [B, T, start + T]`` (True = may attend) or None for causal
-        attention. Logits are computed for ``logit_rows`` of the T rows only. ``rows``: the cache rows the
-        batch occupies (default: all of them). Returns batch row 0; see :meth:`forward_batch` for all rows
-        and for per-row (ragged) ``start``."""
-        logits, collected = self._run(input_ids, positions, cache, start, mask, skip_layers, hidden_layers,
-                                      logit_rows, rows)
-        return ForwardOutput(logits[0].float(), {layer: value[0] for layer, value in collected.items()})
+    def forward(self, *args: Any, **kwargs: Any) -> ForwardOutput:
+        """:meth:`forward_batch` (same arguments) for batch row 0 only."""
+        out = self.forward_batch(*args, **kwargs)
+        return ForwardOutput(out.logits[0], {layer: value[0] for layer, value in out.hidden.items()})
 
     @torch.inference_mode()
     def forward_batch(
@@ -91,13 +75,11 @@ class NativeCausalLM(TargetModel):
         logit_rows: slice = slice(None),
         rows: slice | None = None,
     ) -> BatchForwardOutput:
-        """Like :meth:`forward` for every batch row. ``start`` may be a list: batch row ``b`` then writes at
-        slots ``start[b] .. start[b] + T`` of its cache row, and ``mask`` must be ``[B, T, max(start) + T]``."""
-        logits, collected = self._run(input_ids, positions, cache, start, mask, skip_layers, hidden_layers,
-                                      logit_rows, rows)
-        return BatchForwardOutput(logits.float(), collected)
-
-    def _run(self, input_ids, positions, cache, start, mask, skip_layers, hidden_layers, logit_rows, rows):
+        """Run ``input_ids [B, T]`` at ``positions [B, T]``, writing keys/values at cache slots
+        ``start .. start + T``; ``start`` may be a list, then batch row ``b`` writes at slots
+        ``start[b] .. start[b] + T`` of its cache row (ragged). ``mask [B, T, max(start) + T]`` (True = may
+        attend) or None for causal attention. Logits are computed for ``logit_rows`` of the T rows only.
+        ``rows``: the cache rows the batch occupies (default: all of them)."""
         hidden = self.embed_tokens(input_ids.to(self.device))
         cos, sin = self.rotary(hidden, positions.to(self.device))
         attn_mask = None if mask is None else mask.to(self.device).unsqueeze(1)
@@ -111,7 +93,7 @@ class NativeCausalLM(TargetModel):
         normed = self.final_norm(hidden[:, logit_rows])
         if -1 in hidden_layers:
             collected[-1] = normed
-        return self.output_projection(normed), collected
+        return BatchForwardOutput(self.output_projection(normed).float(), collected)
 
     def _decoder_layer(self, layer, index, hidden, cos, sin, cache, place, attn_mask) -> torch.Tensor:
         residual = hidden
