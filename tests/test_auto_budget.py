@@ -1,55 +1,89 @@
-"""The auto drafter's tree merging and budget split, and the hardware-fit budget policy."""
+"""The auto drafter's tree merging and source ranking, and the hardware-fit budget policy."""
 
 import torch
 
 from quickdraft.budget import BudgetPolicy, CostCurve
-from quickdraft.drafters.auto import AutoDrafter, _flowing_quotas, merge_trees
+from quickdraft.drafters.auto import AutoDrafter, coverage, merge_trees
 from quickdraft.drafters.base import DraftContext, Drafter, StepOutcome
 from quickdraft.types import DraftTree, SamplingParams, VerifyResult
 
 
-def test_merge_shares_common_prefixes_and_credits_both_sources():
+def test_merge_shares_common_prefixes():
     a = DraftTree.from_paths([[1, 2, 3]])
     b = DraftTree.from_paths([[1, 2, 4], [5]])
-    merged = merge_trees([a, b], [3, 3])
-    assert merged.tree.tokens.tolist() == [1, 2, 3, 4, 5]
-    assert merged.tree.parents.tolist() == [-1, 0, 1, 1, -1]
-    assert merged.origins == [{0, 1}, {0, 1}, {0}, {1}, {1}]
+    merged = merge_trees([a, b], 10)
+    assert merged.tokens.tolist() == [1, 2, 3, 4, 5]
+    assert merged.parents.tolist() == [-1, 0, 1, 1, -1]
 
 
-def test_merge_respects_quotas_and_drops_orphans():
+def test_merge_fills_the_budget_in_order_and_shared_nodes_cost_nothing():
     a = DraftTree.from_paths([[1, 2, 3]])
-    b = DraftTree.from_paths([[7, 8, 9]])
-    merged = merge_trees([a, b], [2, 1])
-    assert merged.tree.tokens.tolist() == [1, 2, 7]
-    assert merged.tree.parents.tolist() == [-1, 0, -1]
+    b = DraftTree.from_paths([[1, 2, 5], [7, 8, 9]])
+    merged = merge_trees([a, b], 5)
+    assert merged.tokens.tolist() == [1, 2, 3, 5, 7]
+    assert merged.parents.tolist() == [-1, 0, 1, 1, -1]
+    assert merge_trees([b, a], 2).tokens.tolist() == [1, 2]
 
 
-def test_unused_quota_flows_to_the_next_source():
-    assert _flowing_quotas([6, 2], [1, 10], 8) == [1, 7]
-    assert _flowing_quotas([6, 2], [10, 10], 8) == [6, 2]
+def test_coverage_counts_committed_tokens_on_one_path():
+    tree = DraftTree.from_paths([[1, 2, 3], [1, 4]])
+    assert coverage(tree, [1, 4, 9]) == 2
+    assert coverage(tree, [1, 2, 3, 7]) == 3
+    assert coverage(tree, [5, 1]) == 0
+    assert coverage(DraftTree.empty(), [1]) == 0
 
 
 class Fixed(Drafter):
-    def __init__(self, paths):
-        self.paths = paths
+    """Proposes fixed paths; ``level`` is the evidence it reports."""
+
+    def __init__(self, paths, level=0):
+        self.paths, self.level = paths, level
 
     def propose(self, ctx, budget):
         return DraftTree.from_paths(self.paths).truncated(budget)
 
+    def evidence(self):
+        return self.level
 
-def test_auto_shifts_budget_towards_the_source_that_gets_accepted():
+
+def _verify_greedy(auto, truth, budget):
+    """One step of ``auto`` against a target whose greedy continuation is ``truth``; the accepted nodes."""
+    ctx = DraftContext([0], 1, SamplingParams())
+    tree = auto.propose(ctx, budget)
+    children = {(p, t): n for n, (t, p) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist()))}
+    accepted, node = [], -1
+    for token in truth:
+        node = children.get((node, token))
+        if node is None:
+            break
+        accepted.append(node)
+    auto.observe(ctx, StepOutcome(tree, VerifyResult(accepted, truth[: len(accepted) + 1], tree.size)))
+    return tree
+
+
+def test_auto_gives_the_whole_tree_to_the_source_that_covers_the_target():
     good, bad = Fixed([[1, 2, 3, 4]]), Fixed([[9, 9, 9, 9]])
     auto = AutoDrafter([bad, good])
-    ctx = DraftContext([0], 1, SamplingParams())
     for _ in range(30):
-        tree = auto.propose(ctx, 4)
-        accepted = [i for i, t in enumerate(tree.tokens.tolist()) if t in (1, 2, 3, 4)]
-        accepted = [n for n in accepted if tree.parents[n] < 0 or tree.parents[n] in accepted]
-        auto.observe(ctx, StepOutcome(tree, VerifyResult(accepted, [0] * (len(accepted) + 1), tree.size)))
-    quotas = auto.quotas(10)
-    assert quotas[1] > quotas[0] >= 1
-    assert auto.propose(ctx, 4).tokens.tolist()[:3] == [1, 2, 3]
+        _verify_greedy(auto, [1, 2, 3, 4, 5], 4)
+    assert auto.value(1, 0) > 3 and auto.value(0, 0) < 0.5
+    assert _verify_greedy(auto, [1, 2, 3, 4, 5], 4).tokens.tolist() == [1, 2, 3, 4]
+    assert _verify_greedy(auto, [1, 2, 3, 4, 5], 6).tokens.tolist() == [1, 2, 3, 4, 9, 9]
+
+
+def test_auto_judges_a_source_separately_per_evidence_level():
+    contextual, steady = Fixed([[1, 2, 3]]), Fixed([[1, 7]])
+    auto = AutoDrafter([steady, contextual])
+    for _ in range(20):
+        contextual.level = 2
+        _verify_greedy(auto, [1, 2, 3, 4], 2)
+        contextual.level = 1
+        _verify_greedy(auto, [1, 7, 8], 2)
+    assert auto.value(1, 2) > auto.value(0, 0) > auto.value(1, 1)
+    contextual.level = 2
+    assert _verify_greedy(auto, [1, 2, 3, 4], 2).tokens.tolist() == [1, 2]
+    contextual.level = 1
+    assert _verify_greedy(auto, [1, 7, 8], 2).tokens.tolist() == [1, 7]
 
 
 def test_cost_curve_interpolates():

@@ -20,7 +20,7 @@ from quickdraft.drafters.datastore import (
 )
 from quickdraft.drafters.lookahead import LookaheadDrafter
 from quickdraft.drafters.recycle import RecycleDrafter, default_template
-from quickdraft.drafters.suffix import SuffixDrafter
+from quickdraft.drafters.suffix import LONG_MATCH, SuffixDrafter
 from quickdraft.errors import InvalidRequestError
 from quickdraft.types import DraftTree, SamplingParams
 from quickdraft.verify import verify_greedy
@@ -191,6 +191,18 @@ def test_suffix_proposes_continuation_of_longest_match():
     tree = drafter.propose(ctx, 4)
     assert tree.is_chain()
     assert tree.tokens.tolist() == [4, 9, 9, 2]  # "1 2 3" matched, not the shorter "2 3"
+    assert drafter.evidence() == 3
+
+
+def test_suffix_evidence_is_the_match_length_capped():
+    drafter = SuffixDrafter()
+    ctx = make_ctx([4, 5, 6])
+    drafter.begin(ctx)
+    drafter.propose(ctx, 4)
+    assert drafter.evidence() == 0
+    ctx.tokens.extend(list(range(20, 40)) + list(range(20, 40)))
+    drafter.propose(ctx, 4)
+    assert drafter.evidence() == LONG_MATCH
 
 
 def test_suffix_branches_when_continuations_differ():

@@ -1,19 +1,23 @@
-"""The ``auto`` drafter: several drafters merged into one draft tree, the budget split by what works.
+"""The ``auto`` drafter: several drafters, one draft tree, the budget given first to the one likely right.
 
-Each step every **source** drafter proposes a tree; the trees are merged into one prefix tree (a token
-path proposed by two sources becomes one node, credited to both). The budget is split among the sources
-in proportion to their **value**, an exponential moving average of the accepted nodes they proposed; the
-most valuable source fills its share first and whatever it leaves unused flows to the next. This is a
-proportional bandit: a source that stops paying off for the current workload (prompt copying in
-summarisation, recycled successors in open-ended chat) gets a smaller share, but never none, so it is
-re-discovered when the workload changes. A user does not have to know which drafter suits their traffic.
+Every step each **source** drafter proposes a tree with the whole budget and reports its **evidence**
+(:meth:`~quickdraft.drafters.base.Drafter.evidence`: a small integer for how strong its grounds are, such
+as the suffix drafter's match length; 0 when a drafter does not say). After verification, every source's
+tree is scored against the tokens the target committed: its **coverage** is how many of those tokens, from
+the first, lie on one path of the tree. Because this is measured for every source, verified or not, each is
+judged every step and no exploration is needed. A source's **value** at an evidence level is the moving
+average of its coverage at that level (until the level is seen, the source's value over all levels).
+
+The tree is filled in order of value: the most valuable source adds as many nodes as it proposed, what is
+left of the budget goes to the next, and so on; a token path proposed by two sources becomes one node
+(prefix-tree merge). So a long suffix match takes the whole tree, and where there is no match the budget
+goes to the others. A user does not have to know which drafter suits their traffic.
 
 Sources must be drafters that need no model of their own (default: ``suffix`` and ``recycle``).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -22,45 +26,53 @@ from quickdraft.drafters import create_drafter, register
 from quickdraft.drafters.base import DraftContext, Drafter, DrafterSetup, StepOutcome
 from quickdraft.types import DraftTree
 
-#: Smallest share of the budget any source keeps, so that it can prove itself again.
-MIN_SHARE = 0.15
+#: A source's value before any step has been observed (optimistic: worth trying first).
+INITIAL_VALUE = 1.0
 
 
 @dataclass
-class MergedTree:
-    """A merged draft tree and, for each of its nodes, the indices of the sources that proposed it."""
+class Proposal:
+    """One source's tree for the current step and the evidence level it reported."""
 
     tree: DraftTree
-    origins: list[set[int]]
+    evidence: int
 
 
-def merge_trees(trees: list[DraftTree], quotas: list[int]) -> MergedTree:
-    """Merge ``trees`` in order; source ``s`` may add at most ``quotas[s]`` new nodes (nodes it shares with
-    an earlier source cost nothing)."""
+def merge_trees(trees: list[DraftTree], budget: int) -> DraftTree:
+    """Merge ``trees`` in order into one prefix tree of at most ``budget`` nodes; a node already added by
+    an earlier tree costs nothing, and a node whose parent did not fit is dropped."""
     tokens: list[int] = []
     parents: list[int] = []
-    origins: list[set[int]] = []
     index: dict[tuple[int, int], int] = {}
-    for source, (tree, quota) in enumerate(zip(trees, quotas)):
+    for tree in trees:
         mapping: dict[int, int] = {}
-        added = 0
         for node, (token, parent) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist())):
             merged_parent = -1 if parent < 0 else mapping.get(parent)
             if merged_parent is None:
                 continue
             key = (merged_parent, token)
             if key not in index:
-                if added >= quota:
+                if len(tokens) >= budget:
                     continue
                 index[key] = len(tokens)
                 tokens.append(token)
                 parents.append(merged_parent)
-                origins.append(set())
-                added += 1
             mapping[node] = index[key]
-            origins[index[key]].add(source)
-    merged = DraftTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
-    return MergedTree(merged, origins)
+    return DraftTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+
+
+def coverage(tree: DraftTree, committed: list[int]) -> int:
+    """How many of ``committed`` (from the first) lie on one root-to-node path of ``tree``."""
+    children: dict[tuple[int, int], int] = {}
+    for node, (token, parent) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist())):
+        children.setdefault((parent, token), node)
+    node, covered = -1, 0
+    for token in committed:
+        node = children.get((node, token), -2)
+        if node == -2:
+            break
+        covered += 1
+    return covered
 
 
 @register("auto")
@@ -73,10 +85,11 @@ class AutoDrafter(Drafter):
             raise ValueError("auto needs at least one source drafter")
         self.sources = sources
         self.smoothing = float(smoothing)
-        self.value = [1.0] * len(sources)
+        self.overall = [INITIAL_VALUE] * len(sources)
+        self.by_evidence: list[dict[int, float]] = [{} for _ in sources]
         self.needs = frozenset().union(*(s.needs for s in sources))
         self.hidden_layers = tuple(sorted({layer for s in sources for layer in s.hidden_layers}))
-        self._last: MergedTree | None = None
+        self._proposals: list[Proposal] = []
 
     @classmethod
     def from_setup(cls, setup: DrafterSetup) -> AutoDrafter:
@@ -94,48 +107,31 @@ class AutoDrafter(Drafter):
             source.begin(ctx)
 
     def propose(self, ctx: DraftContext, budget: int) -> DraftTree:
-        order = sorted(range(len(self.sources)), key=lambda s: -self.value[s])
-        quotas = self.quotas(budget)
-        trees = [self.sources[s].propose(ctx, budget) for s in order]
-        ordered_quotas = _flowing_quotas([quotas[s] for s in order], [t.size for t in trees], budget)
-        merged = merge_trees(trees, ordered_quotas)
-        merged.origins = [{order[s] for s in origin} for origin in merged.origins]
-        self._last = merged
-        return merged.tree
+        self._proposals = []
+        for source in self.sources:
+            tree = source.propose(ctx, budget)
+            self._proposals.append(Proposal(tree, source.evidence()))
+        order = sorted(range(len(self.sources)), key=lambda s: -self.value(s, self._proposals[s].evidence))
+        return merge_trees([self._proposals[s].tree for s in order], budget)
 
-    def quotas(self, budget: int) -> list[int]:
-        """Each source's share of ``budget``, proportional to its value with a floor of ``MIN_SHARE``."""
-        total = sum(self.value)
-        shares = [max(MIN_SHARE, v / total if total > 0 else 1 / len(self.value)) for v in self.value]
-        norm = sum(shares)
-        return [max(1, math.ceil(budget * share / norm)) for share in shares]
+    def value(self, source: int, evidence: int) -> float:
+        """Expected coverage of ``source``'s tree when it reports ``evidence``."""
+        return self.by_evidence[source].get(evidence, self.overall[source])
 
     def observe(self, ctx: DraftContext, outcome: StepOutcome) -> None:
         for source in self.sources:
             source.observe(ctx, outcome)
-        if self._last is None or not self._last.origins:
-            return
-        accepted = [0] * len(self.sources)
-        for node in outcome.result.accepted_nodes:
-            for s in self._last.origins[node]:
-                accepted[s] += 1
-        for s in range(len(self.sources)):
-            self.value[s] += self.smoothing * (accepted[s] - self.value[s])
+        for s, proposal in enumerate(self._proposals):
+            covered = coverage(proposal.tree, outcome.result.tokens)
+            self.overall[s] = self._averaged(self.overall[s], covered)
+            previous = self.by_evidence[s].get(proposal.evidence)
+            self.by_evidence[s][proposal.evidence] = covered if previous is None else self._averaged(previous, covered)
+        self._proposals = []
+
+    def _averaged(self, previous: float, newest: float) -> float:
+        return previous + self.smoothing * (newest - previous)
 
     def end(self) -> None:
         for source in self.sources:
             source.end()
-        self._last = None
-
-
-def _flowing_quotas(quotas: list[int], sizes: list[int], budget: int) -> list[int]:
-    """Quotas in priority order, where what a source cannot use flows to the next; total <= ``budget``."""
-    result = []
-    carry = 0
-    remaining = budget
-    for quota, size in zip(quotas, sizes):
-        take = min(quota + carry, size, remaining)
-        carry = quota + carry - take
-        remaining -= take
-        result.append(take)
-    return result
+        self._proposals = []

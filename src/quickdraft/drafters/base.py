@@ -81,5 +81,10 @@ class Drafter(ABC):
     def observe(self, ctx: DraftContext, outcome: StepOutcome) -> None:
         """Learn from a verification step; ``ctx.tokens`` already includes the committed tokens."""
 
+    def evidence(self) -> int:
+        """How strong the grounds of the latest :meth:`propose` were, as a small integer (0: not said; the
+        suffix drafter reports its match length). ``auto`` judges its sources separately per level."""
+        return 0
+
     def end(self) -> None:
         """The request is over: free per-request state (cross-request state may stay, bounded)."""

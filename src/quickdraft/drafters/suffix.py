@@ -36,6 +36,9 @@ from quickdraft.types import DraftTree
 
 __all__ = ["SuffixDrafter", "build_datastore", "index_corpus", "load_datastore"]
 
+#: Match lengths from this on are reported as one evidence level (longer matches predict alike).
+LONG_MATCH = 8
+
 
 @register("suffix")
 class SuffixDrafter(Drafter):
@@ -67,6 +70,7 @@ class SuffixDrafter(Drafter):
 
     def _reset(self) -> None:
         self._sam: SuffixAutomaton | None = None
+        self._match = 0
         self._consumed = 0
         self._static_state = 0
         self._static_len = 0
@@ -94,15 +98,20 @@ class SuffixDrafter(Drafter):
                 )
         self._consumed = len(ctx.tokens)
 
+    def evidence(self) -> int:
+        """The length of the match the latest proposal continued (0: none), capped at ``LONG_MATCH``."""
+        return min(self._match, LONG_MATCH)
+
     def propose(self, ctx: DraftContext, budget: int) -> DraftTree:
         self._sync(ctx)
+        self._match = 0
         if budget <= 0:
             return DraftTree.empty()
         sources = self._sources()
         if not sources:
             return DraftTree.empty()
         best, *rest = sorted(sources, key=lambda s: -s[0])  # stable: the dynamic match wins ties
-        _, automaton, state, anchor_pos = best
+        self._match, automaton, state, anchor_pos = best
         primary, sides = self._continuations(automaton, state, anchor_pos)
         for _, other, other_state, other_pos in rest:
             sides.append(other.continuation(other_pos, self.branch_depth))
