@@ -6,7 +6,7 @@ import torch
 from conftest import ARCHITECTURES, tiny_hf_model
 from quickdraft.models.hf import HFCausalLM
 from quickdraft.models.native import NativeCausalLM
-from quickdraft.models.projection import OutputProjection
+from quickdraft.models.layouts import MAX_TRANSPOSED_ROWS, OutputProjection, linear
 from quickdraft.types import DraftTree
 
 
@@ -102,3 +102,16 @@ def test_output_projection_matches_linear_for_every_row_count(shape, bias):
     logits = projection(hidden)
     assert logits.shape == (*shape[:-1], 1000) and logits.is_contiguous()
     torch.testing.assert_close(logits, head(hidden), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, MAX_TRANSPOSED_ROWS, MAX_TRANSPOSED_ROWS + 1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_layer_linear_matches_f_linear_for_every_row_count(rows, bias):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 40, bias=bias)
+    x = torch.randn(1, rows, 48)
+    out = linear(x, layer.weight, layer.bias)
+    assert out.shape == (1, rows, 40) and out.is_contiguous()
+    torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
+    x64, w64 = x.double(), layer.weight.double()  # not float32: F.linear itself, bit for bit
+    assert torch.equal(linear(x64, w64), torch.nn.functional.linear(x64, w64))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from quickdraft.kv import StaticKVCache
 from quickdraft.models.base import HIDDEN_STATES, LAYER_SKIP, TREE, ForwardOutput, TargetModel, TargetSession
-from quickdraft.models.projection import OutputProjection
+from quickdraft.models.layouts import OutputProjection, linear
 from quickdraft.tree import verification_mask, verification_positions, verification_tokens
 from quickdraft.types import DraftTree
 
@@ -103,9 +103,9 @@ class NativeCausalLM(TargetModel):
 
     def _attention(self, attn, x, index, cos, sin, cache, place, attn_mask) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(batch, length, self.num_heads, self.head_dim)
-        k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(batch, length, self.num_kv_heads, self.head_dim)
-        v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(batch, length, self.num_kv_heads, self.head_dim)
+        q = linear(x, attn.q_proj.weight, attn.q_proj.bias).view(batch, length, self.num_heads, self.head_dim)
+        k = linear(x, attn.k_proj.weight, attn.k_proj.bias).view(batch, length, self.num_kv_heads, self.head_dim)
+        v = linear(x, attn.v_proj.weight, attn.v_proj.bias).view(batch, length, self.num_kv_heads, self.head_dim)
         if getattr(attn, "q_norm", None) is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -122,12 +122,12 @@ class NativeCausalLM(TargetModel):
             q, keys, values, attn_mask=attn_mask, is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads
         )
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
-        return F.linear(out, attn.o_proj.weight, attn.o_proj.bias)
+        return linear(out, attn.o_proj.weight, attn.o_proj.bias)
 
     def _mlp(self, mlp, x) -> torch.Tensor:
-        gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
-        up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
-        return F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+        gate = linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
+        up = linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
+        return linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
 
 
 @dataclass
