@@ -1,8 +1,9 @@
 """The auto drafter's tree merging and source ranking, and the hardware-fit budget policy."""
 
+import pytest
 import torch
 
-from quickdraft.budget import BudgetPolicy, CostCurve
+from quickdraft.budget import BudgetPolicy, CostCurve, chain_accepted, chain_rate
 from quickdraft.drafters.auto import AutoDrafter, coverage, merge_trees
 from quickdraft.drafters.base import DraftContext, Drafter, StepOutcome
 from quickdraft.types import DraftTree, SamplingParams, VerifyResult
@@ -92,7 +93,7 @@ def test_cost_curve_interpolates():
 
 
 def test_policy_prefers_big_trees_when_verification_is_free_and_small_when_it_is_not():
-    cheap, costly = BudgetPolicy(CostCurve.flat(), explore=0), BudgetPolicy(CostCurve((1, 65), (1.0, 65.0)), explore=0)
+    cheap, costly = BudgetPolicy(CostCurve.flat()), BudgetPolicy(CostCurve((1, 65), (1.0, 65.0)))
     for policy in (cheap, costly):
         for budget in policy.ladder:
             policy.update(budget, min(budget, 3) * 0.8)
@@ -102,8 +103,31 @@ def test_policy_prefers_big_trees_when_verification_is_free_and_small_when_it_is
 
 
 def test_policy_learns_from_observed_acceptance():
-    policy = BudgetPolicy(CostCurve((1, 9, 17, 65), (1.0, 1.1, 1.5, 4.0)), explore=0)
+    policy = BudgetPolicy(CostCurve((1, 9, 17, 65), (1.0, 1.1, 1.5, 4.0)))
     for _ in range(20):
         policy.update(8, 0.0)  # drafts never accepted at 8
         policy.update(1, 0.0)
     assert policy.choose() in (1, 2)
+
+
+def test_policy_retries_a_budget_that_failed_early_in_the_reply():
+    """The start of a reply is hard to draft; once drafts start landing, larger budgets are tried again."""
+    policy = BudgetPolicy(CostCurve((1, 2, 3, 5, 9, 17, 65), (1.0, 1.01, 1.23, 1.07, 1.48, 2.13, 6.0)))
+    for budget in (2, 4, 8):
+        policy.update(budget, 0)
+    chosen = []
+    for _ in range(60):
+        budget = policy.choose()
+        chosen.append(budget)
+        policy.update(budget, budget)  # a copied passage: every draft token is accepted
+    assert max(chosen[-10:]) >= 8
+    assert policy.choose() == policy.choose()  # deterministic
+
+
+def test_policy_carries_a_chain_acceptance_rate_to_untried_budgets():
+    policy = BudgetPolicy(CostCurve.flat())
+    policy.update(4, chain_accepted(0.9, 4))
+    assert policy.expected_accepted(4) == pytest.approx(chain_accepted(0.9, 4))
+    assert policy.expected_accepted(16) == pytest.approx(chain_accepted(0.9, 16), rel=1e-6)
+    assert chain_rate(chain_accepted(0.3, 5), 5) == pytest.approx(0.3, abs=1e-6)
+    assert chain_rate(5, 5) == 1.0

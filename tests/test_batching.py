@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import perturbed_copy, tiny_engine, tiny_hf_model
-from quickdraft.batch_budget import AcceptanceEstimate, BatchBudgetPolicy, expected_accepted
+from quickdraft.batch_budget import AcceptanceEstimate, BatchBudgetPolicy
+from quickdraft.budget import chain_accepted
 from quickdraft.batching import Admitted, BatchScheduler, Delta, Failed, Finished, ServeRequest
 from quickdraft.budget import CostCurve
 from quickdraft.drafters import available_drafters, register
@@ -103,7 +104,7 @@ def test_budget_policy_speculates_when_cheap_and_stops_when_the_batch_makes_it_e
     assert alone >= 4 and crowded < alone
     assert knee.choose([0.05], [100]) < alone  # a drafter that is rarely right gets less
     assert flat.choose([0.8, 0.8], [0, 0]) == 0  # no room left: nothing to draft
-    assert expected_accepted(0.5, 2) == pytest.approx(0.75)
+    assert chain_accepted(0.5, 2) == pytest.approx(0.75)
     estimate = AcceptanceEstimate()
     estimate.update(4, 1)  # one accepted, then one rejected: 2 tried
     estimate.update(3, 3)

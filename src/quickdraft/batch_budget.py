@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from quickdraft.budget import CostCurve
+from quickdraft.budget import CostCurve, chain_accepted
 
 #: Per-sequence budgets considered, 0 meaning no speculation.
 BATCH_LADDER = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -46,15 +46,6 @@ class AcceptanceEstimate:
 
     def rate(self, prior: float, weight: float) -> float:
         return (self.accepted + weight * prior) / (self.tried + weight)
-
-
-def expected_accepted(alpha: float, budget: int) -> float:
-    """Mean accepted length of a ``budget``-token chain whose nodes are each accepted with ``alpha``."""
-    if budget <= 0 or alpha <= 0:
-        return 0.0
-    if alpha >= 1:
-        return float(budget)
-    return alpha * (1 - alpha**budget) / (1 - alpha)
 
 
 class BatchBudgetPolicy:
@@ -82,7 +73,7 @@ class BatchBudgetPolicy:
     def score(self, budget: int, rates: Sequence[float], rooms: Sequence[int]) -> float:
         """Expected committed tokens per unit of forward time when every sequence gets ``budget`` nodes."""
         budgets = [max(0, min(budget, room)) for room in rooms]
-        tokens = sum(1.0 + expected_accepted(alpha, b) for alpha, b in zip(rates, budgets))
+        tokens = sum(1.0 + chain_accepted(alpha, b) for alpha, b in zip(rates, budgets))
         rows = len(budgets) * (1 + max(budgets, default=0))
         return tokens / self.cost(rows)
 

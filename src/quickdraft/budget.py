@@ -7,13 +7,19 @@ commits ``1 + a(n)`` tokens on average, where ``a(n)`` is the drafter's mean acc
 
     n* = argmax_n (1 + a(n)) / c(n + 1),
 
-estimating ``a(n)`` online for a ladder of budgets (an exponential moving average per budget) and
-exploring a neighbouring budget now and then (epsilon-greedy with a seeded RNG, so runs are repeatable).
+estimating ``a(n)`` online for a ladder of budgets. The estimate is a **discounted mean**: every step, the
+weight of all earlier observations of every budget is multiplied by ``discount``, so the estimate follows the
+text as it changes (a copied passage, then free prose). The budget chosen is the one with the best score when
+each mean is raised by an optimism bonus ``exploration * sqrt(log(W) / w(n))``, where ``w(n)`` is the
+discounted weight of budget ``n``'s observations and ``W`` their sum over all budgets (discounted UCB,
+Garivier and Moulines 2011). A budget that did badly early in a reply is thus tried again once its weight has
+decayed, instead of being written off for the rest of the reply. The policy is deterministic: a request
+reproduces exactly.
 """
 
 from __future__ import annotations
 
-import random
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,44 +81,78 @@ class BudgetPolicy:
     """Chooses the number of draft nodes per step (see the module docstring)."""
 
     def __init__(self, curve: CostCurve, max_budget: int = 64, ladder: Sequence[int] = DEFAULT_LADDER,
-                 explore: float = 0.1, smoothing: float = 0.1, seed: int = 0) -> None:
+                 discount: float = 0.9, exploration: float = 0.5) -> None:
         self.curve = curve
         self.ladder = [n for n in ladder if n <= max_budget] or [max_budget]
-        self.explore = explore
-        self.smoothing = smoothing
-        self.accepted: dict[int, float] = {}
-        self._rng = random.Random(seed)
+        self.discount = discount
+        self.exploration = exploration
+        self.weight: dict[int, float] = {}
+        self.accepted_sum: dict[int, float] = {}
 
     def choose(self, limit: int | None = None) -> int:
         """The budget for the next step, at most ``limit``."""
         arms = [n for n in self.ladder if limit is None or n <= limit] or [min(self.ladder)]
-        best = max(arms, key=self.score)
-        if self._rng.random() < self.explore:
-            index = arms.index(best) + self._rng.choice((-1, 1))
-            return arms[min(max(index, 0), len(arms) - 1)]
-        return best
+        return max(arms, key=self.optimistic_score)
 
     def score(self, budget: int) -> float:
         """Expected committed tokens per unit of verification time with ``budget`` nodes."""
         return (1.0 + self.expected_accepted(budget)) / self.curve(budget + 1)
 
+    def optimistic_score(self, budget: int) -> float:
+        """:meth:`score` with the optimism bonus added to the expected accepted tokens."""
+        return (1.0 + self.expected_accepted(budget) + self.bonus(budget)) / self.curve(budget + 1)
+
+    def bonus(self, budget: int) -> float:
+        """The exploration bonus: large for a budget whose observations are few or old; 0 before any."""
+        weight = self.weight.get(budget)
+        if not weight:
+            return 0.0
+        total = sum(self.weight.values())
+        return self.exploration * math.sqrt(max(math.log(total), 1.0) / weight)
+
     def expected_accepted(self, budget: int) -> float:
-        """The moving average for ``budget`` once tried; before that an optimistic guess from the nearest
-        tried budgets (acceptance grows with the budget but never beyond it)."""
-        if budget in self.accepted:
-            return self.accepted[budget]
-        below = [n for n in self.accepted if n < budget]
-        above = [n for n in self.accepted if n > budget]
+        """The discounted mean for ``budget`` once tried. Before that, a guess: from the nearest smaller tried
+        budget, the per-node acceptance rate that explains its mean on a chain (:func:`chain_rate`) carried
+        to ``budget`` nodes; else the nearest larger tried budget's mean; else ``min(budget, 2)``."""
+        if budget in self.weight:
+            return self.accepted_sum[budget] / self.weight[budget]
+        below = [n for n in self.weight if n < budget]
+        above = [n for n in self.weight if n > budget]
         if below:
             nearest = max(below)
-            return min(float(budget), self.accepted[nearest] * 1.25 + 0.25)
+            return chain_accepted(chain_rate(self.expected_accepted(nearest), nearest), budget)
         if above:
-            return self.accepted[min(above)]
+            return self.expected_accepted(min(above))
         return min(float(budget), 2.0)
 
     def update(self, budget: int, accepted: int) -> None:
         """Record that a step with ``budget`` nodes had ``accepted`` draft tokens accepted."""
         if budget not in self.ladder:
             return
-        previous = self.accepted.get(budget)
-        self.accepted[budget] = accepted if previous is None else previous + self.smoothing * (accepted - previous)
+        for arm in self.weight:
+            self.weight[arm] *= self.discount
+            self.accepted_sum[arm] *= self.discount
+        self.weight[budget] = self.weight.get(budget, 0.0) + 1.0
+        self.accepted_sum[budget] = self.accepted_sum.get(budget, 0.0) + accepted
+
+
+def chain_accepted(rate: float, nodes: int) -> float:
+    """Mean accepted length of a ``nodes``-token chain whose every token is accepted with probability
+    ``rate`` given that the one before it was: ``rate + rate^2 + ... + rate^nodes``."""
+    if nodes <= 0 or rate <= 0:
+        return 0.0
+    if rate >= 1:
+        return float(nodes)
+    return rate * (1 - rate**nodes) / (1 - rate)
+
+
+def chain_rate(accepted: float, nodes: int) -> float:
+    """The per-token rate at which a ``nodes``-token chain accepts ``accepted`` tokens on average (the
+    inverse of :func:`chain_accepted`, found by bisection)."""
+    if accepted >= nodes:
+        return 1.0
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if chain_accepted(middle, nodes) < accepted else (low, middle)
+    return (low + high) / 2
