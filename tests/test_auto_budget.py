@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quickdraft.budget import BudgetPolicy, CostCurve, chain_accepted, chain_rate
+from quickdraft.budget import BudgetPolicy, CostCurve, EvidenceBudget, chain_accepted, chain_rate
 from quickdraft.drafters.auto import AutoDrafter, coverage, merge_trees
 from quickdraft.drafters.base import DraftContext, Drafter, StepOutcome
 from quickdraft.types import DraftTree, SamplingParams, VerifyResult
@@ -43,7 +43,7 @@ class Fixed(Drafter):
     def propose(self, ctx, budget):
         return DraftTree.from_paths(self.paths).truncated(budget)
 
-    def evidence(self):
+    def evidence(self, ctx):
         return self.level
 
 
@@ -69,7 +69,18 @@ def test_auto_gives_the_whole_tree_to_the_source_that_covers_the_target():
         _verify_greedy(auto, [1, 2, 3, 4, 5], 4)
     assert auto.value(1, 0) > 3 and auto.value(0, 0) < 0.5
     assert _verify_greedy(auto, [1, 2, 3, 4, 5], 4).tokens.tolist() == [1, 2, 3, 4]
-    assert _verify_greedy(auto, [1, 2, 3, 4, 5], 6).tokens.tolist() == [1, 2, 3, 4, 9, 9]
+    assert _verify_greedy(auto, [1, 2, 3, 4, 5], 6).tokens.tolist() == [1, 2, 3, 4]
+
+
+def test_auto_gives_what_the_leader_leaves_to_the_next_source_as_often_as_the_leader_misses():
+    leader, backup = Fixed([[1, 2]]), Fixed([[5, 6, 7, 8, 9]])
+    auto = AutoDrafter([leader, backup], smoothing=0.05)
+    for step in range(200):
+        _verify_greedy(auto, [1, 2, 3] if step % 2 else [5, 0, 0], 2)
+    assert auto.miss_rate(0, 0) == pytest.approx(0.5, abs=0.05)
+    assert auto.value(0, 0) > auto.value(1, 0)
+    assert merge_trees([leader.propose(None, 6), backup.propose(None, 6)], 6, [1.0, 0.5]).tokens.tolist() == [1, 2, 5, 6]
+    assert _verify_greedy(auto, [1, 2, 3], 6).tokens.tolist() == [1, 2, 5, 6]
 
 
 def test_auto_judges_a_source_separately_per_evidence_level():
@@ -131,3 +142,15 @@ def test_policy_carries_a_chain_acceptance_rate_to_untried_budgets():
     assert policy.expected_accepted(16) == pytest.approx(chain_accepted(0.9, 16), rel=1e-6)
     assert chain_rate(chain_accepted(0.3, 5), 5) == pytest.approx(0.3, abs=1e-6)
     assert chain_rate(5, 5) == 1.0
+
+
+def test_evidence_budget_gives_strong_evidence_long_drafts_while_weak_evidence_keeps_short_ones():
+    curve = CostCurve((1, 5, 9, 17, 65), (1.0, 1.05, 1.4, 2.0, 6.0))
+    budget = EvidenceBudget(lambda: BudgetPolicy(curve))
+    for _ in range(30):
+        budget.update(1, budget.choose(1), 0)
+        strong = budget.choose(8)
+        budget.update(8, strong, strong)
+    assert budget.choose(8) >= 16
+    assert budget.choose(1) <= 2
+    assert BudgetPolicy(curve).choose() == budget.choose(3)

@@ -188,21 +188,19 @@ def test_suffix_proposes_continuation_of_longest_match():
     drafter = SuffixDrafter(max_depth=4)
     ctx = make_ctx([5, 1, 2, 3, 4, 9, 9, 2, 3, 4, 6, 1, 2, 3])
     drafter.begin(ctx)
+    assert drafter.evidence(ctx) == 3
     tree = drafter.propose(ctx, 4)
     assert tree.is_chain()
     assert tree.tokens.tolist() == [4, 9, 9, 2]  # "1 2 3" matched, not the shorter "2 3"
-    assert drafter.evidence() == 3
 
 
 def test_suffix_evidence_is_the_match_length_capped():
     drafter = SuffixDrafter()
     ctx = make_ctx([4, 5, 6])
     drafter.begin(ctx)
-    drafter.propose(ctx, 4)
-    assert drafter.evidence() == 0
+    assert drafter.evidence(ctx) == 0
     ctx.tokens.extend(list(range(20, 40)) + list(range(20, 40)))
-    drafter.propose(ctx, 4)
-    assert drafter.evidence() == LONG_MATCH
+    assert drafter.evidence(ctx) == LONG_MATCH
 
 
 def test_suffix_branches_when_continuations_differ():

@@ -15,13 +15,19 @@ discounted weight of budget ``n``'s observations and ``W`` their sum over all bu
 Garivier and Moulines 2011). A budget that did badly early in a reply is thus tried again once its weight has
 decayed, instead of being written off for the rest of the reply. The policy is deterministic: a request
 reproduces exactly.
+
+Acceptance depends strongly on the drafter's **evidence** for the step (see
+:meth:`~quickdraft.drafters.base.Drafter.evidence`; for the suffix drafter, the match length): a 1-token match
+rarely survives two nodes, an 8-token match into a copied passage often survives sixteen. An
+:class:`EvidenceBudget` keeps one policy per evidence level, so a strong match gets a long draft at once
+instead of waiting for the average over weak ones to rise.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,6 +140,27 @@ class BudgetPolicy:
             self.accepted_sum[arm] *= self.discount
         self.weight[budget] = self.weight.get(budget, 0.0) + 1.0
         self.accepted_sum[budget] = self.accepted_sum.get(budget, 0.0) + accepted
+
+
+class EvidenceBudget:
+    """One :class:`BudgetPolicy` per evidence level, each made by ``make_policy`` when its level first comes."""
+
+    def __init__(self, make_policy: Callable[[], BudgetPolicy]) -> None:
+        self.make_policy = make_policy
+        self.by_evidence: dict[int, BudgetPolicy] = {}
+
+    def policy(self, evidence: int) -> BudgetPolicy:
+        if evidence not in self.by_evidence:
+            self.by_evidence[evidence] = self.make_policy()
+        return self.by_evidence[evidence]
+
+    def choose(self, evidence: int, limit: int | None = None) -> int:
+        """The budget for a step whose drafter reports ``evidence``, at most ``limit``."""
+        return self.policy(evidence).choose(limit)
+
+    def update(self, evidence: int, budget: int, accepted: int) -> None:
+        """Record a step's outcome under the evidence level its drafter reported."""
+        self.policy(evidence).update(budget, accepted)
 
 
 def chain_accepted(rate: float, nodes: int) -> float:

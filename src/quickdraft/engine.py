@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from quickdraft.drafters import DraftContext, Drafter, DrafterSetup, StepOutcome, create_drafter
-from quickdraft.budget import BudgetPolicy
+from quickdraft.budget import BudgetPolicy, EvidenceBudget
 from quickdraft.detok import TextAssembler
 from quickdraft.errors import InvalidRequestError
 from quickdraft.models.base import TREE, TargetSession
@@ -57,7 +57,8 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, drafter: Drafter | None = None, draft_budget: int | None = None) -> None:
         """``draft_budget``: draft nodes verified per step; None chooses it per step with a
-        :class:`~quickdraft.budget.BudgetPolicy` fitted to the hardware's verification cost curve."""
+        :class:`~quickdraft.budget.BudgetPolicy` per drafter evidence level, fitted to the hardware's
+        verification cost curve."""
         if draft_budget is not None and (not isinstance(draft_budget, int) or draft_budget < 1):
             raise InvalidRequestError(f"draft_budget must be an integer >= 1 or None (adaptive), got {draft_budget!r}")
         self.loaded = loaded
@@ -65,12 +66,13 @@ class Engine:
         self.draft_budget = draft_budget
         self.eos_token_ids = _eos_token_ids(loaded)
 
-    def budget_policy(self) -> BudgetPolicy | None:
+    def budget_policy(self) -> EvidenceBudget | None:
         """A fresh adaptive policy for one request (the cost curve is measured once per loaded model), or
         None for a fixed budget. Each request starts from the same state, so a seeded request reproduces."""
         if self.drafter is None or self.draft_budget is not None:
             return None
-        return BudgetPolicy(self.loaded.cost_curve(), max_budget=MAX_ADAPTIVE_BUDGET)
+        curve = self.loaded.cost_curve()
+        return EvidenceBudget(lambda: BudgetPolicy(curve, max_budget=MAX_ADAPTIVE_BUDGET))
 
     @property
     def max_budget(self) -> int:
@@ -274,15 +276,16 @@ class _Run:
         yield chunk
         hidden_layers = self.drafter.hidden_layers if self.drafter and "hidden_states" in needs else ()
         while not self._done():
-            budget = self._budget()
             drafting = time.perf_counter()
+            evidence = self.drafter.evidence(ctx) if self.policy else 0
+            budget = self._budget(evidence)
             tree = self._propose(ctx, session, budget)
             self.stats.draft_seconds += time.perf_counter() - drafting
             out = session.verify(ctx.tokens[-1], tree, hidden_layers)
             result = verify_sampling(tree, out.logits, self.request.params, generator)
             session.commit(result.accepted_nodes)
             if self.policy and tree.size:
-                self.policy.update(budget, result.num_accepted)
+                self.policy.update(evidence, budget, result.num_accepted)
             self.stats.target_forwards += 1
             self.stats.drafted_tokens += tree.size
             self.stats.accepted_tokens += result.num_accepted
@@ -298,13 +301,13 @@ class _Run:
         if tail:
             yield StreamChunk(tail, [])
 
-    def _budget(self) -> int:
+    def _budget(self, evidence: int) -> int:
         """Draft nodes for the next step: never more than the tokens still wanted after the bonus token."""
         room = self.request.max_new_tokens - len(self.generated) - 1
         if not self.drafter or room <= 0:
             return 0
         if self.policy:
-            return self.policy.choose(limit=room)
+            return self.policy.choose(evidence, limit=room)
         return min(self.engine.draft_budget, room)
 
     def _propose(self, ctx: DraftContext, session: TargetSession, budget: int) -> DraftTree:

@@ -81,9 +81,10 @@ class Drafter(ABC):
     def observe(self, ctx: DraftContext, outcome: StepOutcome) -> None:
         """Learn from a verification step; ``ctx.tokens`` already includes the committed tokens."""
 
-    def evidence(self) -> int:
-        """How strong the grounds of the latest :meth:`propose` were, as a small integer (0: not said; the
-        suffix drafter reports its match length). ``auto`` judges its sources separately per level."""
+    def evidence(self, ctx: DraftContext) -> int:
+        """How strong the grounds for the next :meth:`propose` on ``ctx`` are, as a small integer (0: not
+        said; the suffix drafter reports its match length). Called before :meth:`propose`: the budget policy
+        and ``auto`` judge each level separately."""
         return 0
 
     def end(self) -> None:

@@ -70,7 +70,6 @@ class SuffixDrafter(Drafter):
 
     def _reset(self) -> None:
         self._sam: SuffixAutomaton | None = None
-        self._match = 0
         self._consumed = 0
         self._static_state = 0
         self._static_len = 0
@@ -98,20 +97,20 @@ class SuffixDrafter(Drafter):
                 )
         self._consumed = len(ctx.tokens)
 
-    def evidence(self) -> int:
-        """The length of the match the latest proposal continued (0: none), capped at ``LONG_MATCH``."""
-        return min(self._match, LONG_MATCH)
+    def evidence(self, ctx: DraftContext) -> int:
+        """The length of the match the next proposal continues (0: none), capped at ``LONG_MATCH``."""
+        self._sync(ctx)
+        return min(max((source[0] for source in self._sources()), default=0), LONG_MATCH)
 
     def propose(self, ctx: DraftContext, budget: int) -> DraftTree:
         self._sync(ctx)
-        self._match = 0
         if budget <= 0:
             return DraftTree.empty()
         sources = self._sources()
         if not sources:
             return DraftTree.empty()
         best, *rest = sorted(sources, key=lambda s: -s[0])  # stable: the dynamic match wins ties
-        self._match, automaton, state, anchor_pos = best
+        _, automaton, state, anchor_pos = best
         primary, sides = self._continuations(automaton, state, anchor_pos)
         for _, other, other_state, other_pos in rest:
             sides.append(other.continuation(other_pos, self.branch_depth))
