@@ -2,13 +2,12 @@
 
 Every step each **source** drafter reports its **evidence** (:meth:`~quickdraft.drafters.base.Drafter.evidence`:
 a small integer for how strong its grounds are, such as the suffix drafter's match length; 0 when a drafter
-does not say) and proposes a tree with the whole budget; ``auto``'s own evidence is the strongest of theirs. After verification, every source's
-tree is scored against the tokens the target committed: its **coverage** is how many of those tokens, from
-the first, lie on one path of the tree. Because this is measured for every source, verified or not, each is
-judged every step and no exploration is needed. A source's **value** at an evidence level is the moving
-average of its coverage at that level (until the level is seen, the source's value over all levels).
-
-A source's **miss rate** at an evidence level is the moving average of how often its coverage was 0 (its
+does not say) and proposes a tree with the whole budget; ``auto``'s own evidence is the strongest of theirs.
+After verification, every source's tree is scored against the tokens the target committed: its **coverage**
+is how many of those tokens, from the first, lie on one path of the tree. Because this is measured for every
+source, verified or not, each is judged every step and no exploration is needed. A source's **value** at an
+evidence level is the moving average of its coverage at that level (until the level is seen, the source's
+value over all levels); its **miss rate** there is the moving average of how often its coverage was 0 (its
 tree did not even hold the first committed token).
 
 The tree is filled in order of value: the most valuable source adds as many nodes as it proposed; the next
@@ -121,7 +120,10 @@ class AutoDrafter(Drafter):
         return max(source.evidence(ctx) for source in self.sources)
 
     def propose(self, ctx: DraftContext, budget: int) -> DraftTree:
-        self._proposals = [Proposal(source.propose(ctx, budget), source.evidence(ctx)) for source in self.sources]
+        self._proposals = []
+        for source in self.sources:
+            evidence = source.evidence(ctx)
+            self._proposals.append(Proposal(source.propose(ctx, budget), evidence))
         order = sorted(range(len(self.sources)), key=lambda s: -self.value(s, self._proposals[s].evidence))
         shares, all_missed = [], 1.0
         for s in order:
