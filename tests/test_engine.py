@@ -11,7 +11,7 @@ from scipy.stats import chisquare
 from conftest import TINY_VOCAB, CharTokenizer, perturbed_copy, tiny_engine, tiny_hf_model, tiny_loaded
 from quickdraft.drafters import available_drafters, register
 from quickdraft.drafters.base import DraftContext, Drafter
-from quickdraft.engine import Engine
+from quickdraft.engine import Engine, plain_transcript
 from quickdraft.errors import InvalidRequestError, UnknownDrafterError
 from quickdraft.models.native import NativeCausalLM
 from quickdraft.sampling import probabilities
@@ -186,6 +186,16 @@ def test_bad_input_gets_a_clear_error(call, error, fragment):
     with pytest.raises(error) as info:
         call(tiny_engine("llama"))
     assert fragment in str(info.value)
+
+
+def test_chat_messages_on_a_model_without_a_chat_template_become_a_plain_transcript():
+    engine = tiny_engine("llama")
+    messages = [{"role": "user", "content": "HI"}, {"role": "assistant", "content": "YO"},
+                {"role": "user", "content": "AGAIN"}]
+    assert engine.tokenizer.chat_template is None
+    assert plain_transcript(messages) == "User: HI\n\nAssistant: YO\n\nUser: AGAIN\n\nAssistant:"
+    assert engine.encode_prompt(messages) == engine.tokenizer(plain_transcript(messages))["input_ids"]
+    assert len(engine.generate(messages, max_new_tokens=4).token_ids) == 4
 
 
 def test_long_request_is_clamped_to_the_context():

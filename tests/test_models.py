@@ -87,6 +87,23 @@ def test_hf_fallback_matches_transformers_and_crops():
         session.verify(1, DraftTree.from_paths([[1], [2]]))
 
 
+def test_hf_fallback_keeps_sliding_window_models_exact_past_the_window_through_rollbacks():
+    hf_model = tiny_hf_model("mistral", sliding_window=6)
+    ids = torch.randint(0, 90, (20,), generator=torch.Generator().manual_seed(0)).tolist()
+    session = HFCausalLM(hf_model).new_session(32)
+    session.prefill(ids[:10])
+    session.verify(ids[10], DraftTree.chain([70, 71, 72]))
+    session.commit([])
+    out = session.verify(ids[11], DraftTree.chain(ids[12:]))
+    assert (out.logits - reference_logits(hf_model, ids)[11:]).abs().max() < 1e-4
+
+
+def test_native_forward_stops_at_the_sliding_window_it_does_not_apply():
+    assert NativeCausalLM(tiny_hf_model("mistral", sliding_window=6)).max_context == 6
+    assert NativeCausalLM(tiny_hf_model("mistral")).max_context == 512
+    assert NativeCausalLM(tiny_hf_model("qwen2", sliding_window=6)).max_context == 512
+
+
 def test_all_architectures_are_covered():
     assert set(ARCHITECTURES) == {"llama", "mistral", "qwen2", "qwen3"}
 

@@ -135,6 +135,8 @@ class Engine:
             else:
                 return self.tokenizer(prompt)["input_ids"]
         _check_messages(prompt)
+        if not getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer(plain_transcript(prompt))["input_ids"]
         ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
@@ -353,6 +355,13 @@ def _build_drafter(loaded: LoadedModel, name: str | None, options: dict[str, Any
     if name in (None, "", "none"):
         return None
     return create_drafter(name, DrafterSetup(loaded.target, loaded.tokenizer, dict(options or {})))
+
+
+def plain_transcript(messages: Messages) -> str:
+    """Chat ``messages`` as text for a base model without a chat template: one ``Role: content`` paragraph
+    per message, ending with ``Assistant:`` for the model to continue."""
+    turns = [f"{m['role'].capitalize()}: {m['content'].strip()}" for m in messages]
+    return "\n\n".join([*turns, "Assistant:"])
 
 
 def _check_messages(messages: Any) -> None:

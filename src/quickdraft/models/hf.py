@@ -2,7 +2,8 @@
 
 Slower than the native forward (transformers' dynamic cache, one chain per step, no layer skipping) but
 correct for every architecture transformers supports. Rejected draft tokens are dropped by cropping the
-cache.
+cache, which keeps every layer's full history (transformers' sliding-window cache layers cannot be cropped
+once the window is full; the model's own attention mask still applies the window).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class HFSession(TargetSession):
 
     def __init__(self, model: HFCausalLM) -> None:
         self.model = model
-        self.cache = DynamicCache(config=model.hf_model.config)
+        self.cache = DynamicCache()
         self.length = 0
         self._verify_start = 0
 
@@ -61,7 +62,7 @@ class HFSession(TargetSession):
         return out.logits[0].float()
 
     def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
-        self.cache = DynamicCache(config=self.model.hf_model.config)
+        self.cache = DynamicCache()
         self.length = 0
         return self._forward(prompt_ids)[-1]
 
@@ -83,5 +84,5 @@ class HFSession(TargetSession):
         self.truncate(self._verify_start + 1 + len(accepted_nodes))
 
     def close(self) -> None:
-        self.cache = DynamicCache(config=self.model.hf_model.config)
+        self.cache = DynamicCache()
         self.length = 0

@@ -26,6 +26,17 @@ from quickdraft.types import DraftTree
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
+
+def attention_span(config: Any) -> int:
+    """The longest context the native forward computes exactly: the position limit, or the sliding window
+    where the model has one (the native forward attends to the whole cache, so it stops at the window)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return config.max_position_embeddings
+    return min(config.max_position_embeddings, window)
+
+
 class NativeCausalLM(TargetModel):
     """Wraps a loaded transformers Llama-family model; see the module docstring."""
 
@@ -44,7 +55,7 @@ class NativeCausalLM(TargetModel):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.vocab_size = config.vocab_size
-        self.max_context = config.max_position_embeddings
+        self.max_context = attention_span(config)
         self.num_layers = config.num_hidden_layers
         self.device = hf_model.lm_head.weight.device
         self.dtype = hf_model.lm_head.weight.dtype
