@@ -6,7 +6,7 @@ import torch
 from conftest import ARCHITECTURES, tiny_hf_model
 from quickdraft.models.hf import HFCausalLM
 from quickdraft.models.native import NativeCausalLM
-from quickdraft.models.layouts import MAX_TRANSPOSED_ROWS, OutputProjection, linear
+from quickdraft.models.layouts import FusedLinear, prepacking_available
 from quickdraft.types import DraftTree
 
 
@@ -108,27 +108,45 @@ def test_all_architectures_are_covered():
     assert set(ARCHITECTURES) == {"llama", "mistral", "qwen2", "qwen3"}
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 32), (1, 3, 32), (2, 5, 32), (17, 32)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_output_projection_matches_linear_for_every_row_count(shape, bias):
+def _linears(bias: bool) -> list[torch.nn.Linear]:
     torch.manual_seed(0)
-    head = torch.nn.Linear(32, 1000, bias=bias)
-    hidden = torch.randn(shape)
-    projection = OutputProjection(head)
-    assert projection.uses_cpu_layouts
-    logits = projection(hidden)
-    assert logits.shape == (*shape[:-1], 1000) and logits.is_contiguous()
-    torch.testing.assert_close(logits, head(hidden), rtol=1e-5, atol=1e-5)
+    return [torch.nn.Linear(48, 40, bias=bias), torch.nn.Linear(48, 8, bias=False), torch.nn.Linear(48, 16, bias=bias)]
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, MAX_TRANSPOSED_ROWS, MAX_TRANSPOSED_ROWS + 1])
+@pytest.mark.parametrize("shape", [(1, 1, 48), (1, 3, 48), (2, 5, 48), (17, 48)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_layer_linear_matches_f_linear_for_every_row_count(rows, bias):
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(48, 40, bias=bias)
-    x = torch.randn(1, rows, 48)
-    out = linear(x, layer.weight, layer.bias)
-    assert out.shape == (1, rows, 40) and out.is_contiguous()
-    torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
-    x64, w64 = x.double(), layer.weight.double()  # not float32: F.linear itself, bit for bit
-    assert torch.equal(linear(x64, w64), torch.nn.functional.linear(x64, w64))
+def test_fused_linear_matches_each_layer_for_every_row_count(shape, bias):
+    layers = _linears(bias)
+    fused = FusedLinear(layers)
+    assert fused.prepacked == prepacking_available(layers[0].weight)
+    x = torch.randn(shape)
+    outputs = fused(x)
+    assert len(outputs) == 3
+    for out, layer in zip(outputs, layers):
+        assert out.shape == (*shape[:-1], layer.out_features)
+        torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_single_layer_gives_its_output_alone():
+    layer = _linears(True)[0]
+    x = torch.randn(1, 4, 48)
+    torch.testing.assert_close(FusedLinear([layer])(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not prepacking_available(torch.zeros(1)), reason="this PyTorch has no oneDNN prepacking")
+def test_prepacked_rows_do_not_depend_on_how_many_rows_are_computed_together():
+    fused = FusedLinear(_linears(True))
+    assert fused.prepacked
+    rows = torch.randn(1, 24, 48)
+    together = torch.cat(fused(rows), dim=-1)
+    one_by_one = torch.cat([torch.cat(fused(rows[:, i:i + 1]), dim=-1) for i in range(24)], dim=1)
+    assert torch.equal(together, one_by_one)
+
+
+def test_fused_linear_falls_back_to_f_linear_off_float32():
+    layers = [layer.double() for layer in _linears(True)]
+    fused = FusedLinear(layers)
+    assert not fused.prepacked
+    x = torch.randn(2, 3, 48, dtype=torch.float64)
+    for out, layer in zip(fused(x), layers):
+        torch.testing.assert_close(out, layer(x), rtol=1e-12, atol=1e-12)

@@ -1,70 +1,65 @@
-"""Linear layers with the fastest matmul layout for the number of rows, on CPUs in float32.
+"""The native forward's linear layers, with weights prepacked for the CPU's matmul library.
 
-A verification forward multiplies a few rows (one per verified token) by each weight matrix. On CPUs in
-float32 ``F.linear`` (``x @ W^T``) is not always the fastest way to do that; ``(W @ x^T)^T`` computes the same
-products in another order and is faster for some row counts. The choice only changes the order in which
-float32 products are summed (differences of about 1e-6 relative), the same kind of difference that already
-separates a 1-row from a k-row forward. Elsewhere (CUDA, other dtypes) ``F.linear`` is used unchanged.
+A verification forward multiplies a few rows (one per verified token) by each weight matrix. ``F.linear``
+reads the weight in its plain row-major layout on every call. oneDNN (the matmul library inside PyTorch's CPU
+build) can instead reorder a weight once into the blocked layout its kernels read: a *prepacked* weight, what
+PyTorch's compiler uses when it freezes a model for CPU inference. Products of a few rows with a prepacked
+weight run about twice as fast in float32 on a 2-core AVX2 CPU, and each output row is then computed the same
+way whatever the number of rows: the linears of a k-row verification forward give, bit for bit, the rows that
+k one-row forwards would (``F.linear`` does not promise that).
 
-Measured on a 2-core AMD EPYC (AVX2) with SmolLM2-135M, float32, 300 cached tokens:
+Layers that read the same input are fused into one weight (q, k and v; gate and up), so a decoder layer makes
+four matmul calls instead of seven. Elsewhere (CUDA, half precision, a PyTorch without oneDNN) the fused
+weights go through ``F.linear``.
 
-- The output projection (49152 x 576 head, alone): one row takes 8.4 ms with ``F.linear`` and 4.5 ms as
-  ``x @ W^T`` with a contiguous copy of ``W^T``; 2, 4, 8 and 16 rows take 18.5 / 19.0 / 17.4 / 20.5 ms with
-  ``F.linear`` and 4.9 / 5.1 / 8.9 / 13.6 ms as ``(W @ x^T)^T``.
-- The decoder layers' linears (whole verification forward, only their layout changed, median of 10 interleaved
-  rounds): 2, 3, 4, 6, 8, 10 rows take 70.2 / 84.7 / 76.8 / 71.9 / 75.5 / 88.3 ms with ``F.linear`` and
-  42.4 / 50.5 / 45.7 / 59.8 / 64.0 / 84.6 ms as ``(W @ x^T)^T``; one row 50.0 vs 48.9 ms; 12 and 24 rows are
-  slower transposed (104.2 vs 88.3, 112.0 vs 110.4 ms). In bfloat16 ``(W @ x^T)^T`` is about 2x slower.
+Measured on a 2-core AMD EPYC (AVX2), float32, median of 30 calls (``F.linear`` vs prepacked, ms): the
+1536 x 576 MLP weight at 1 / 8 / 16 rows 5.4 / 8.9 / 16.0 vs 2.2 / 6.0 / 9.9 (30 calls each); the 49152 x 576
+output head 10.4 / 25.2 / 30.5 vs 5.8 / 9.8 / 11.9 (one call each).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
-#: Most rows for which a decoder layer's linear runs as ``(W @ x^T)^T`` on CPU in float32.
-MAX_TRANSPOSED_ROWS = 10
+
+def prepacking_available(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` can be prepacked: a float32 CPU tensor and a PyTorch built with oneDNN."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def _uses_cpu_layouts(tensor: torch.Tensor) -> bool:
-    return tensor.device.type == "cpu" and tensor.dtype == torch.float32
+class FusedLinear:
+    """One or more ``torch.nn.Linear`` layers that read the same input, computed as one matmul.
 
+    ``weight`` is the layers' weights stacked: a copy, prepacked where :func:`prepacking_available` (a single
+    layer's weight is shared with it where not prepacked);
+    calling it returns one output per layer (a tuple, or the tensor itself for a single layer)."""
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; on CPU in float32 with at most ``MAX_TRANSPOSED_ROWS`` rows computed as
-    ``(W @ x^T)^T``, a single row padded with a row of zeros (two rows are faster than one)."""
-    rows = x.reshape(-1, x.shape[-1])
-    count = rows.shape[0]
-    if count > MAX_TRANSPOSED_ROWS or not _uses_cpu_layouts(weight):
-        return F.linear(x, weight, bias)
-    if count == 1:
-        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
-    return _transposed_product(rows, weight, bias)[:count].reshape(*x.shape[:-1], weight.shape[0])
+    def __init__(self, layers: Sequence[torch.nn.Linear]) -> None:
+        with torch.no_grad():
+            weights = [layer.weight.detach() for layer in layers]
+            weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+            self.bias = _fused_bias(layers)
+        self.sizes = [layer.out_features for layer in layers]
+        self.prepacked = prepacking_available(weight)
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if self.prepacked else weight
 
-
-def _transposed_product(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out = (weight @ rows.T).T.contiguous()
-    return out if bias is None else out + bias
-
-
-class OutputProjection:
-    """``logits = hidden @ W^T + b`` for a ``torch.nn.Linear`` head: 1 row as ``x @ W^T`` on a contiguous copy
-    of ``W^T``, several rows as ``(W @ x^T)^T`` (CPU, float32)."""
-
-    def __init__(self, head: torch.nn.Linear) -> None:
-        self.weight = head.weight
-        self.bias = head.bias
-        self.uses_cpu_layouts = _uses_cpu_layouts(self.weight)
-        self._transposed = self.weight.detach().t().contiguous() if self.uses_cpu_layouts else None
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits ``[..., V]`` for ``hidden [..., H]``."""
-        if not self.uses_cpu_layouts:
-            return F.linear(hidden, self.weight, self.bias)
-        rows = hidden.reshape(-1, hidden.shape[-1])
-        if rows.shape[0] == 1:
-            logits = rows @ self._transposed
-            logits = logits if self.bias is None else logits + self.bias
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if self.prepacked:
+            out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
         else:
-            logits = _transposed_product(rows, self.weight, self.bias)
-        return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
+            out = F.linear(x, self.weight, self.bias)
+        if len(self.sizes) == 1:
+            return out
+        return out.split(self.sizes, dim=-1)
+
+
+def _fused_bias(layers: Sequence[torch.nn.Linear]) -> torch.Tensor | None:
+    if all(layer.bias is None for layer in layers):
+        return None
+    parts = [layer.bias.detach() if layer.bias is not None
+             else layer.weight.new_zeros(layer.out_features) for layer in layers]
+    return torch.cat(parts)

@@ -1,7 +1,9 @@
 """A native forward for the Llama family (Llama, SmolLM2, Mistral, Qwen2, Qwen3) built for speculation.
 
-It reuses the weights and small modules (RMSNorm, rotary embedding, q/k norms) of the loaded transformers
-model, and orchestrates them itself so that it can
+It reuses the small modules (RMSNorm, rotary embedding, q/k norms) of the loaded transformers model and
+holds its linear layers' weights fused and, on CPU in float32, prepacked (:mod:`quickdraft.models.layouts`: a
+second copy of the weights in memory, for matmuls about twice as fast at a few rows). It orchestrates the
+forward itself so that it can
 
 - keep keys and values in a :class:`~quickdraft.kv.StaticKVCache` (O(1) rollback, in-place compaction),
 - run a forward over a token tree with per-node positions and a tree attention mask,
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 from quickdraft.kv import StaticKVCache
 from quickdraft.models.base import HIDDEN_STATES, LAYER_SKIP, TREE, ForwardOutput, TargetModel, TargetSession
-from quickdraft.models.layouts import OutputProjection, linear
+from quickdraft.models.layouts import FusedLinear
 from quickdraft.tree import verification_mask, verification_positions, verification_tokens
 from quickdraft.types import DraftTree
 
@@ -49,7 +51,8 @@ class NativeCausalLM(TargetModel):
         self.layers = hf_model.model.layers
         self.embed_tokens = hf_model.model.embed_tokens
         self.final_norm = hf_model.model.norm
-        self.output_projection = OutputProjection(hf_model.lm_head)
+        self.output_projection = FusedLinear([hf_model.lm_head])
+        self.kernels = [_LayerLinears.of(layer) for layer in self.layers]
         self.rotary = hf_model.model.rotary_emb
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -107,16 +110,20 @@ class NativeCausalLM(TargetModel):
         return BatchForwardOutput(self.output_projection(normed).float(), collected)
 
     def _decoder_layer(self, layer, index, hidden, cos, sin, cache, place, attn_mask) -> torch.Tensor:
+        linears = self.kernels[index]
         residual = hidden
-        attended = self._attention(layer.self_attn, layer.input_layernorm(hidden), index, cos, sin, cache, place, attn_mask)
+        attended = self._attention(layer.self_attn, linears, layer.input_layernorm(hidden), index, cos, sin, cache,
+                                   place, attn_mask)
         hidden = residual + attended
-        return hidden + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+        gate, up = linears.gate_up(layer.post_attention_layernorm(hidden))
+        return hidden + linears.down(F.silu(gate) * up)
 
-    def _attention(self, attn, x, index, cos, sin, cache, place, attn_mask) -> torch.Tensor:
+    def _attention(self, attn, linears, x, index, cos, sin, cache, place, attn_mask) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = linear(x, attn.q_proj.weight, attn.q_proj.bias).view(batch, length, self.num_heads, self.head_dim)
-        k = linear(x, attn.k_proj.weight, attn.k_proj.bias).view(batch, length, self.num_kv_heads, self.head_dim)
-        v = linear(x, attn.v_proj.weight, attn.v_proj.bias).view(batch, length, self.num_kv_heads, self.head_dim)
+        q, k, v = linears.qkv(x)
+        q = q.view(batch, length, self.num_heads, self.head_dim)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim)
         if getattr(attn, "q_norm", None) is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -133,12 +140,23 @@ class NativeCausalLM(TargetModel):
             q, keys, values, attn_mask=attn_mask, is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads
         )
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
-        return linear(out, attn.o_proj.weight, attn.o_proj.bias)
+        return linears.o(out)
 
-    def _mlp(self, mlp, x) -> torch.Tensor:
-        gate = linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
-        up = linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
-        return linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+
+@dataclass(frozen=True)
+class _LayerLinears:
+    """A decoder layer's linears, fused where they read the same input."""
+
+    qkv: FusedLinear
+    o: FusedLinear
+    gate_up: FusedLinear
+    down: FusedLinear
+
+    @classmethod
+    def of(cls, layer: torch.nn.Module) -> _LayerLinears:
+        attn, mlp = layer.self_attn, layer.mlp
+        return cls(FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj]), FusedLinear([attn.o_proj]),
+                   FusedLinear([mlp.gate_proj, mlp.up_proj]), FusedLinear([mlp.down_proj]))
 
 
 @dataclass
