@@ -34,9 +34,9 @@ def prepacking_available(weight: torch.Tensor) -> bool:
 class FusedLinear:
     """One or more ``torch.nn.Linear`` layers that read the same input, computed as one matmul.
 
-    ``weight`` is the layers' weights stacked: a copy, prepacked where :func:`prepacking_available` (a single
-    layer's weight is shared with it where not prepacked);
-    calling it returns one output per layer (a tuple, or the tensor itself for a single layer)."""
+    ``weight`` is the layers' weights stacked: a prepacked copy where :func:`prepacking_available`, otherwise
+    the concatenated weights (a single layer's own weight, not a copy). Calling it returns one output per
+    layer: a tuple, or the tensor itself for a single layer."""
 
     def __init__(self, layers: Sequence[torch.nn.Linear]) -> None:
         with torch.no_grad():

@@ -52,7 +52,7 @@ class NativeCausalLM(TargetModel):
         self.embed_tokens = hf_model.model.embed_tokens
         self.final_norm = hf_model.model.norm
         self.output_projection = FusedLinear([hf_model.lm_head])
-        self.kernels = [_LayerLinears.of(layer) for layer in self.layers]
+        self.layer_linears = [_LayerLinears.of(layer) for layer in self.layers]
         self.rotary = hf_model.model.rotary_emb
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -110,7 +110,7 @@ class NativeCausalLM(TargetModel):
         return BatchForwardOutput(self.output_projection(normed).float(), collected)
 
     def _decoder_layer(self, layer, index, hidden, cos, sin, cache, place, attn_mask) -> torch.Tensor:
-        linears = self.kernels[index]
+        linears = self.layer_linears[index]
         residual = hidden
         attended = self._attention(layer.self_attn, linears, layer.input_layernorm(hidden), index, cos, sin, cache,
                                    place, attn_mask)
