@@ -87,6 +87,24 @@ def test_hf_fallback_matches_transformers_and_crops():
         session.verify(1, DraftTree.from_paths([[1], [2]]))
 
 
+def test_hf_fallback_prefill_computes_the_output_layer_for_the_last_prompt_token_only():
+    hf_model = tiny_hf_model("llama")
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    rows_projected = []
+    hook = hf_model.lm_head.register_forward_hook(lambda module, inputs, output: rows_projected.append(
+        inputs[0].shape[1]))
+    session = HFCausalLM(hf_model).new_session(32)
+    try:
+        last = session.prefill(ids[:6])
+        extended = session.extend(ids[6:])
+    finally:
+        hook.remove()
+    assert rows_projected == [1, 1]
+    reference = reference_logits(hf_model, ids)
+    assert (last - reference[5]).abs().max() < 1e-4
+    assert (extended - reference[7]).abs().max() < 1e-4
+
+
 def test_hf_fallback_keeps_sliding_window_models_exact_past_the_window_through_rollbacks():
     hf_model = tiny_hf_model("mistral", sliding_window=6)
     ids = torch.randint(0, 90, (20,), generator=torch.Generator().manual_seed(0)).tolist()

@@ -3,10 +3,14 @@
 Slower than the native forward (transformers' dynamic cache, one chain per step, no layer skipping) but
 correct for every architecture transformers supports. Rejected draft tokens are dropped by cropping the
 cache, which keeps every layer's full history (transformers' sliding-window cache layers cannot be cropped
-once the window is full; the model's own attention mask still applies the window).
+once the window is full; the model's own attention mask still applies the window). A prefill asks for the
+last position's logits only where the model takes ``logits_to_keep``: a full-vocabulary output layer over
+every prompt token would dominate the prefill of a large-vocabulary model (Gemma 3: 262k tokens).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from transformers import DynamicCache
@@ -27,6 +31,7 @@ class HFCausalLM(TargetModel):
         self.num_layers = config.num_hidden_layers
         self.device = next(hf_model.parameters()).device
         self.dtype = next(hf_model.parameters()).dtype
+        self.keeps_last_logits_only = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
 
     def new_session(self, max_len: int) -> HFSession:
         return HFSession(self)
@@ -48,15 +53,19 @@ class HFSession(TargetSession):
         return self.length
 
     @torch.inference_mode()
-    def _forward(self, token_ids: list[int]) -> torch.Tensor:
+    def _forward(self, token_ids: list[int], last_only: bool = False) -> torch.Tensor:
+        """Logits ``[T, V]`` for the T new tokens, or ``[1, V]`` for the last one where ``last_only`` can be
+        honoured (the model takes ``logits_to_keep``)."""
         ids = torch.tensor([token_ids], device=self.model.device)
         positions = torch.arange(self.length, self.length + len(token_ids), device=self.model.device)
+        last = {"logits_to_keep": 1} if last_only and self.model.keeps_last_logits_only else {}
         out = self.model.hf_model(
             input_ids=ids,
             past_key_values=self.cache,
             position_ids=positions.unsqueeze(0),
             cache_position=positions,
             use_cache=True,
+            **last,
         )
         self.length += len(token_ids)
         return out.logits[0].float()
@@ -64,10 +73,10 @@ class HFSession(TargetSession):
     def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
         self.cache = DynamicCache()
         self.length = 0
-        return self._forward(prompt_ids)[-1]
+        return self.extend(prompt_ids)
 
     def extend(self, token_ids: list[int]) -> torch.Tensor:
-        return self._forward(token_ids)[-1]
+        return self._forward(token_ids, last_only=True)[-1]
 
     def truncate(self, length: int) -> None:
         if length < self.length:
