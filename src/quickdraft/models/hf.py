@@ -31,7 +31,7 @@ class HFCausalLM(TargetModel):
         self.num_layers = config.num_hidden_layers
         self.device = next(hf_model.parameters()).device
         self.dtype = next(hf_model.parameters()).dtype
-        self.keeps_last_logits_only = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
+        self.accepts_logits_to_keep = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
 
     def new_session(self, max_len: int) -> HFSession:
         return HFSession(self)
@@ -58,7 +58,7 @@ class HFSession(TargetSession):
         honoured (the model takes ``logits_to_keep``)."""
         ids = torch.tensor([token_ids], device=self.model.device)
         positions = torch.arange(self.length, self.length + len(token_ids), device=self.model.device)
-        last = {"logits_to_keep": 1} if last_only and self.model.keeps_last_logits_only else {}
+        last = {"logits_to_keep": 1} if last_only and self.model.accepts_logits_to_keep else {}
         out = self.model.hf_model(
             input_ids=ids,
             past_key_values=self.cache,
