@@ -35,7 +35,8 @@ class CharTokenizer:
         self.vocab_size = vocab_size
         self.eos_token_id = vocab_size - 1
 
-    def __call__(self, text: str) -> dict[str, list[int]]:
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        """Token ids of ``text`` (there are no special tokens to add)."""
         return {"input_ids": [min(max(ord(c) - 65, 0), self.vocab_size - 2) for c in text]}
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -617,6 +617,26 @@ def test_profile_from_saved_curve_with_bench_json(tmp_path, capsys, monkeypatch)
     assert profile_main(args) == 2
 
 
+def test_profile_measures_a_curve_on_the_loaded_model_and_writes_it(tmp_path, capsys, monkeypatch):
+    from quickdraft.engine import Engine
+
+    from conftest import tiny_engine
+
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(Engine, "from_pretrained", staticmethod(lambda *args, **kwargs: tiny_engine()))
+    args = _parse(add_profile_arguments, ["--ks", "1,2,4", "--repeats", "2", "--context", "16",
+                                          "--json", str(tmp_path / "curve.json")])
+    assert profile_main(args) == 0
+    saved = json.loads((tmp_path / "curve.json").read_text())
+    assert [point["k"] for point in saved["curve"]] == [1, 2, 4]
+    assert saved["curve"][0]["cost"] == 1.0 and all(point["seconds"] > 0 for point in saved["curve"])
+    assert saved["context"] == 16 and saved["repeats"] == 2 and saved["backend"]
+    out = capsys.readouterr().out
+    assert "verification cost" in out and "context 16 tokens" in out and "wrote" in out
+    reread = _parse(add_profile_arguments, ["--curve", str(tmp_path / "curve.json")])
+    assert profile_main(reread) == 0
+
+
 
 def test_source_revision_names_the_installed_version_and_the_checkout_commit():
     import re

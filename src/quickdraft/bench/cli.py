@@ -205,42 +205,62 @@ def profile_main(args: argparse.Namespace) -> int:
 
 def _profile(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
     from quickdraft.bench import profile as prof
 
     console = Console()
     bench = prof.read_bench_json(args.bench_json) if args.bench_json else None
     if args.curve:
-        saved = prof.read_bench_json(args.curve)
-        try:
-            curve = [prof.CostPoint(int(p["k"]), float(p["seconds"]), float(p["cost"])) for p in saved["curve"]]
-        except (KeyError, TypeError, ValueError):
-            raise InvalidRequestError(f"{args.curve!r} is not a curve written by quickdraft profile --json") from None
-        settings = {k: v for k, v in saved.items() if k != "curve"}
+        curve, settings = _saved_curve(args.curve)
     else:
-        ks = prof.parse_ks(args.ks)
-        if args.context < 1:
-            raise InvalidRequestError(f"--context must be >= 1, got {args.context}")
-        from quickdraft.bench.run import engine_settings
-        from quickdraft.engine import Engine
+        curve, settings = _measured_curve(args, console)
+    _print_curve(curve, settings, console)
+    if args.json and not args.curve:
+        from pathlib import Path
 
-        with console.status("loading the model ..."):
-            engine = Engine.from_pretrained(args.model, None, dtype=args.dtype, device=args.device)
-        timer = prof.make_timer(engine, ks, args.backend, args.context)
-        with Progress(TextColumn("timing forwards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True) as progress:
-            task = progress.add_task("profile", total=args.repeats * len(ks))
-            curve = prof.measure_cost_curve(
-                timer, ks, args.repeats, on_measure=lambda k: progress.update(task, advance=1)
-            )
-        settings = {
-            **engine_settings(engine),
-            "context": args.context,
-            "repeats": args.repeats,
-            "backend": timer.name,
-        }
+        Path(args.json).write_text(json.dumps(prof.curve_to_json(curve, settings), indent=2) + "\n")
+        console.print(f"wrote {args.json}")
+    if bench is not None:
+        _print_efficiency(bench, curve, settings, console)
+    return 0
+
+
+def _saved_curve(path: str) -> tuple[list, dict[str, Any]]:
+    """The curve and settings in a file written by ``quickdraft profile --json``."""
+    from quickdraft.bench import profile as prof
+
+    saved = prof.read_bench_json(path)
+    try:
+        curve = [prof.CostPoint(int(p["k"]), float(p["seconds"]), float(p["cost"])) for p in saved["curve"]]
+    except (KeyError, TypeError, ValueError):
+        raise InvalidRequestError(f"{path!r} is not a curve written by quickdraft profile --json") from None
+    return curve, {k: v for k, v in saved.items() if k != "curve"}
+
+
+def _measured_curve(args: argparse.Namespace, console: Any) -> tuple[list, dict[str, Any]]:
+    """Time forwards over each of ``--ks`` rows on the model, with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from quickdraft.bench import profile as prof
+    from quickdraft.bench.run import engine_settings
+    from quickdraft.engine import Engine
+
+    ks = prof.parse_ks(args.ks)
+    if args.context < 1:
+        raise InvalidRequestError(f"--context must be >= 1, got {args.context}")
+    with console.status("loading the model ..."):
+        engine = Engine.from_pretrained(args.model, None, dtype=args.dtype, device=args.device)
+    timer = prof.make_timer(engine, ks, args.backend, args.context)
+    with Progress(TextColumn("timing forwards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("profile", total=args.repeats * len(ks))
+        curve = prof.measure_cost_curve(timer, ks, args.repeats, on_measure=lambda k: progress.update(task, advance=1))
+    settings = {**engine_settings(engine), "context": args.context, "repeats": args.repeats, "backend": timer.name}
+    return curve, settings
+
+
+def _print_curve(curve: list, settings: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
 
     console.print(f"model {settings.get('model', '?')} ({settings.get('dtype', '?')}, {settings.get('device', '?')}); "
                   f"forward: {settings.get('backend', '?')}; context {settings.get('context', '?')} tokens, "
@@ -252,30 +272,30 @@ def _profile(args: argparse.Namespace) -> int:
     for point in curve:
         table.add_row(str(point.k), f"{point.seconds * 1000:.2f}", f"{point.cost:.2f}")
     console.print(table)
-    if args.json and not args.curve:
-        from pathlib import Path
 
-        Path(args.json).write_text(json.dumps(prof.curve_to_json(curve, settings), indent=2) + "\n")
-        console.print(f"wrote {args.json}")
 
-    if bench is not None:
-        for key in ("model", "dtype", "device"):
-            if key in bench and key in settings and bench[key] != settings[key]:
-                console.print(f"[yellow]note: the bench ran with {key} {bench[key]!r}, "
-                              f"this curve with {settings[key]!r}[/yellow]")
-        rows = prof.efficiency_table(bench, curve)
-        eff = Table(title="efficiency = measured speedup / (tau / (c(k) + d))", title_justify="left")
-        for column in ("method", "speedup", "tau", "k", "c(k)", "d", "bound", "efficiency", "assumed"):
-            eff.add_column(column, justify="left" if column in ("method", "assumed") else "right")
+def _print_efficiency(bench: dict[str, Any], curve: list, settings: dict[str, Any], console: Any) -> None:
+    """Each method's measured speedup against the bound its tau and the curve allow."""
+    from rich.table import Table
 
-        def fmt(value: Any, spec: str = ".2f") -> str:
-            return "-" if value is None else f"{value:{spec}}"
+    from quickdraft.bench import profile as prof
 
-        for row in rows:
-            eff.add_row(row["method"], fmt(row["speedup"]), fmt(row["tau"]), fmt(row["k"]), fmt(row["cost"]),
-                        fmt(row["draft_cost"]), fmt(row["bound"]), fmt(row["efficiency"]), "; ".join(row["assumed"]))
-        console.print(eff)
-    return 0
+    for key in ("model", "dtype", "device"):
+        if key in bench and key in settings and bench[key] != settings[key]:
+            console.print(f"[yellow]note: the bench ran with {key} {bench[key]!r}, "
+                          f"this curve with {settings[key]!r}[/yellow]")
+    table = Table(title="efficiency = measured speedup / (tau / (c(k) + d))", title_justify="left")
+    for column in ("method", "speedup", "tau", "k", "c(k)", "d", "bound", "efficiency", "assumed"):
+        table.add_column(column, justify="left" if column in ("method", "assumed") else "right")
+    for row in prof.efficiency_table(bench, curve):
+        table.add_row(row["method"], _cell(row["speedup"]), _cell(row["tau"]), _cell(row["k"]), _cell(row["cost"]),
+                      _cell(row["draft_cost"]), _cell(row["bound"]), _cell(row["efficiency"]),
+                      "; ".join(row["assumed"]))
+    console.print(table)
+
+
+def _cell(value: Any, spec: str = ".2f") -> str:
+    return "-" if value is None else f"{value:{spec}}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
