@@ -173,6 +173,8 @@ def test_models_health_and_metrics(http):
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == [MODEL]
     assert http.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
     assert http.get("/health").json()["status"] == "ok"
+    completion = {"model": MODEL, "prompt": "AB", "max_tokens": 2}
+    assert http.post("/v1/completions", json=completion).status_code == 200
     text = http.get("/metrics").text
     for name in ("quickdraft_requests_total{", "quickdraft_tau ", "quickdraft_queue_depth ",
                  "quickdraft_request_latency_seconds_bucket{", "quickdraft_completion_tokens_total ",
@@ -399,3 +401,22 @@ def test_serve_cli_reports_bad_arguments_with_exit_status_2(capsys):
     assert main(["serve", "--max-batch", "0", "--port", "0"]) == 2
     args = build_parser().parse_args(["serve"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.api_key is None
+
+
+def test_health_says_unavailable_with_503_when_the_scheduler_is_not_running(engine):
+    from fastapi.testclient import TestClient
+
+    from quickdraft.batching import BatchScheduler
+    from quickdraft.server.app import create_app
+
+    scheduler = BatchScheduler(engine, "ngram", max_batch=1, cost_curve=CostCurve.flat())
+    with TestClient(create_app(scheduler, MODEL)) as http:
+        assert not scheduler.running
+        response = http.get("/health")
+        assert response.status_code == 503 and response.json()["status"] == "unavailable"
+        scheduler.start()
+        try:
+            assert scheduler.running and http.get("/health").status_code == 200
+        finally:
+            scheduler.close()
+        assert not scheduler.running and http.get("/health").status_code == 503

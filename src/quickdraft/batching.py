@@ -260,7 +260,7 @@ class BatchScheduler:
 
     def submit(self, request: ServeRequest) -> int:
         """Queue ``request``; returns its ticket (for :meth:`cancel`). Events arrive through its sink."""
-        if self._thread is None or self._stopping or not self._thread.is_alive():
+        if self._stopping or not self.running:
             raise SchedulerBusy("the scheduler is not running")
         if self.queue_depth >= self.max_waiting:
             raise SchedulerBusy(f"{self.queue_depth} requests are already waiting; try again later")
@@ -271,6 +271,11 @@ class BatchScheduler:
     def cancel(self, ticket: int) -> None:
         """Drop a request (its client went away): its cache row and drafter are freed at the next step."""
         self._inbox.put(("cancel", ticket))
+
+    @property
+    def running(self) -> bool:
+        """Whether the scheduler thread was started and is alive (it dies only on an error or :meth:`close`)."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def queue_depth(self) -> int:

@@ -81,7 +81,7 @@ def create_app(scheduler: BatchScheduler, model_name: str, api_key: str | None =
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        alive = scheduler._thread is not None and scheduler._thread.is_alive()
+        alive = scheduler.running
         body = {"status": "ok" if alive else "unavailable", "model": model_name, "active": scheduler.active,
                 "queue_depth": scheduler.queue_depth, "max_batch": scheduler.max_batch,
                 "drafter": scheduler.drafter_name}
