@@ -17,9 +17,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quickdraft.errors import InvalidRequestError, QuickdraftError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from quickdraft.bench.profile import CostPoint
 
 BENCH_HELP = "compare decoding methods on Spec-Bench-style prompts (speed, tau, losslessness)"
 BENCH_DESCRIPTION = (
@@ -225,7 +230,7 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _saved_curve(path: str) -> tuple[list, dict[str, Any]]:
+def _saved_curve(path: str) -> tuple[list[CostPoint], dict[str, Any]]:
     """The curve and settings in a file written by ``quickdraft profile --json``."""
     from quickdraft.bench import profile as prof
 
@@ -237,7 +242,7 @@ def _saved_curve(path: str) -> tuple[list, dict[str, Any]]:
     return curve, {k: v for k, v in saved.items() if k != "curve"}
 
 
-def _measured_curve(args: argparse.Namespace, console: Any) -> tuple[list, dict[str, Any]]:
+def _measured_curve(args: argparse.Namespace, console: Console) -> tuple[list[CostPoint], dict[str, Any]]:
     """Time forwards over each of ``--ks`` rows on the model, with a progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -259,7 +264,7 @@ def _measured_curve(args: argparse.Namespace, console: Any) -> tuple[list, dict[
     return curve, settings
 
 
-def _print_curve(curve: list, settings: dict[str, Any], console: Any) -> None:
+def _print_curve(curve: list[CostPoint], settings: dict[str, Any], console: Console) -> None:
     from rich.table import Table
 
     console.print(f"model {settings.get('model', '?')} ({settings.get('dtype', '?')}, {settings.get('device', '?')}); "
@@ -274,7 +279,8 @@ def _print_curve(curve: list, settings: dict[str, Any], console: Any) -> None:
     console.print(table)
 
 
-def _print_efficiency(bench: dict[str, Any], curve: list, settings: dict[str, Any], console: Any) -> None:
+def _print_efficiency(bench: dict[str, Any], curve: list[CostPoint], settings: dict[str, Any],
+                      console: Console) -> None:
     """Each method's measured speedup against the bound its tau and the curve allow."""
     from rich.table import Table
 
