@@ -12,9 +12,9 @@ Layers that read the same input are fused into one weight (q, k and v; gate and 
 four matmul calls instead of seven. Elsewhere (CUDA, half precision, a PyTorch without oneDNN) the fused
 weights go through ``F.linear``.
 
-Measured on a 2-core AMD EPYC (AVX2), float32, median of 30 calls (``F.linear`` vs prepacked, ms): the
-1536 x 576 MLP weight at 1 / 8 / 16 rows 5.4 / 8.9 / 16.0 vs 2.2 / 6.0 / 9.9 (30 calls each); the 49152 x 576
-output head 10.4 / 25.2 / 30.5 vs 5.8 / 9.8 / 11.9 (one call each).
+Measured on a 2-core AMD EPYC (AVX2), float32 (``F.linear`` vs prepacked, ms, median of repeated timings): 30
+calls of the 1536 x 576 MLP weight at 1 / 8 / 16 rows 5.4 / 8.9 / 16.0 vs 2.2 / 6.0 / 9.9; one call of the
+49152 x 576 output head 10.4 / 25.2 / 30.5 vs 5.8 / 9.8 / 11.9.
 """
 
 from __future__ import annotations
