@@ -588,6 +588,10 @@ def test_bench_arguments_and_clear_errors(tmp_path, capsys):
     assert "line 2" in capsys.readouterr().err
     assert bench_main(_parse(add_bench_arguments, ["--temperature", "-1"])) == 2
     assert "temperature" in capsys.readouterr().err
+    # Option names are checked before the model loads (the model path given here does not exist).
+    bogus = ["--methods", "ar,suffix", "--drafter-option", "suffix:bogus=1", "--model", str(tmp_path / "none")]
+    assert bench_main(_parse(add_bench_arguments, bogus)) == 2
+    assert "the suffix drafter has no option 'bogus'" in capsys.readouterr().err
 
 
 def test_parse_drafter_options():

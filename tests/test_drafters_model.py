@@ -322,7 +322,7 @@ def test_xvocab_options_are_checked():
         plain.with_drafter("xvocab")
     with pytest.raises(InvalidRequestError, match="tokenizer"):
         plain.with_drafter("xvocab", {"model": OracleDraft(PAIRS, "")})
-    with pytest.raises(InvalidRequestError, match="unknown options"):
+    with pytest.raises(InvalidRequestError, match="has no option 'depth'; its options are: dtype, k, model, tokenizer, window"):
         plain.with_drafter("xvocab", {"model": OracleDraft(PAIRS, ""), "tokenizer": PAIRS, "depth": 3})
 
 
@@ -400,3 +400,20 @@ def test_layerskip_keeps_the_target_distribution_when_sampling():
         counts[tokens[1] * vocab + tokens[2]] += 1
     expected = _marginal_of_tokens_two_and_three(hf_model, prompt, vocab)
     assert _chi_square_pvalue(counts, expected) > 1e-4
+
+
+@pytest.mark.parametrize("name", ["ngram", "suffix", "recycle", "lookahead", "layerskip", "auto", "draft", "xvocab"])
+def test_an_unknown_drafter_option_is_named_with_the_accepted_ones(name):
+    with pytest.raises(InvalidRequestError, match=r"has no option 'bogus'; its options are: \w"):
+        char_target().with_drafter(name, {"bogus": 1})
+
+
+@pytest.mark.parametrize(("name", "options", "shown"), [
+    ("suffix", {"max_depth": "deep"}, "'deep'"),
+    ("ngram", {"min_ngram": 4, "max_ngram": 2}, "min_ngram <= max_ngram"),
+    ("layerskip", {"skip": 1.5}, "'skip': 1.5"),
+    ("auto", {"smoothing": "fast"}, "'fast'"),
+])
+def test_a_drafter_option_value_its_constructor_rejects_is_an_invalid_request(name, options, shown):
+    with pytest.raises(InvalidRequestError, match=f"invalid option value for the {name} drafter .*{shown}"):
+        char_target().with_drafter(name, options)

@@ -210,6 +210,19 @@ def test_missing_model_path_is_a_clear_error():
         Engine.from_pretrained("/no/such/model")
 
 
+@pytest.mark.parametrize(("arguments", "fragment"), [
+    (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+    (["--drafter", "suffix", "--drafter-option", "depth=2"], "the suffix drafter has no option 'depth'"),
+    (["--drafter", "no-such-drafter"], "unknown drafter 'no-such-drafter'"),
+])
+def test_generate_cli_checks_its_arguments_before_loading_the_model(arguments, fragment, capsys):
+    from quickdraft.cli import main
+
+    assert main(["generate", "--prompt", "hi", "--model", "/no/such/model", *arguments]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "does not exist" not in err
+
+
 def test_a_plugin_drafter_registers_without_touching_the_engine():
     @register("test-repeat-last")
     class RepeatLast(Drafter):

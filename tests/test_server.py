@@ -399,6 +399,11 @@ def test_serve_cli_reports_bad_arguments_with_exit_status_2(capsys):
     assert main(["serve", "--model", "/no/such/model", "--port", "0"]) == 2
     assert main(["serve", "--drafter", "no-such-drafter", "--port", "0"]) == 2
     assert main(["serve", "--max-batch", "0", "--port", "0"]) == 2
+    capsys.readouterr()
+    # Checked before a model loads: the model path does not exist, yet the error is about the option.
+    assert main(["serve", "--drafter", "suffix", "--drafter-option", "depth=3", "--model", "/no/such/model"]) == 2
+    err = capsys.readouterr().err
+    assert "the suffix drafter has no option 'depth'" in err and "does not exist" not in err
     args = build_parser().parse_args(["serve"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.api_key is None
 

@@ -44,7 +44,7 @@ from typing import Any, Union
 from quickdraft.batch_budget import AcceptanceEstimate, BatchBudgetPolicy, measure_batch_curve
 from quickdraft.budget import CostCurve
 from quickdraft.drafters import DraftContext, Drafter, DrafterSetup, StepOutcome, create_drafter
-from quickdraft.engine import Engine, OutputTracker, _check_drafter_name
+from quickdraft.engine import Engine, OutputTracker, check_drafter
 from quickdraft.errors import InvalidRequestError, QuickdraftError
 from quickdraft.models.native import NativeCausalLM, NativeSession, verify_batch
 from quickdraft.sampling import choose, make_generator
@@ -202,7 +202,7 @@ class BatchScheduler:
             raise InvalidRequestError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if not isinstance(max_draft, int) or max_draft < 0:
             raise InvalidRequestError(f"max_draft must be an integer >= 0, got {max_draft!r}")
-        _check_drafter_name(drafter)
+        check_drafter(drafter, drafter_options)
         self.engine = engine
         self.target = engine.loaded.target
         self.tokenizer = engine.tokenizer

@@ -18,19 +18,24 @@ console = Console(stderr=True, soft_wrap=True)
 
 
 def parse_option(text: str) -> tuple[str, Any]:
-    """``key=value`` with value read as int, float, true/false or else a string."""
+    """``key=value`` with the value read by :func:`option_value`."""
     if "=" not in text:
         raise QuickdraftError(f"--drafter-option expects key=value, got {text!r}")
     key, raw = text.split("=", 1)
+    return key, option_value(raw)
+
+
+def option_value(raw: str) -> Any:
+    """A drafter option's value from the command line: an int, a float, true/false, or else the string."""
     for convert in (int, float):
         try:
-            return key, convert(raw)
+            return convert(raw)
         except ValueError:
             pass
     lowered = raw.lower()
     if lowered in ("true", "false"):
-        return key, lowered == "true"
-    return key, raw
+        return lowered == "true"
+    return raw
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,10 +69,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from quickdraft.engine import Engine
+    from quickdraft.engine import Engine, check_max_new_tokens
     from quickdraft.types import SamplingParams
 
     SamplingParams(**_sampling(args))
+    check_max_new_tokens(args.max_new_tokens)
     if not args.prompt.strip():
         raise QuickdraftError("the prompt is empty; pass --prompt TEXT")
     engine = Engine.from_pretrained(args.model, args.drafter, args.dtype, args.device, _drafter_options(args),

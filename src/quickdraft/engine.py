@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-from quickdraft.drafters import DraftContext, Drafter, DrafterSetup, StepOutcome, create_drafter
+from quickdraft.drafters import (
+    DraftContext,
+    Drafter,
+    DrafterSetup,
+    StepOutcome,
+    check_drafter_options,
+    create_drafter,
+)
 from quickdraft.budget import BudgetPolicy, EvidenceBudget
 from quickdraft.detok import TextAssembler
 from quickdraft.errors import InvalidRequestError
@@ -91,14 +98,13 @@ class Engine:
         draft_budget: int | None = None,
     ) -> Engine:
         """Load ``model`` (None: the embedded default) and build ``drafter`` (None or "none": plain decoding)."""
-        _check_drafter_name(drafter)
+        check_drafter(drafter, drafter_options)
         loaded = load_model(model, dtype=dtype, device=device)
         return cls(loaded, _build_drafter(loaded, drafter, drafter_options), draft_budget)
 
     def with_drafter(self, drafter: str | None, drafter_options: dict[str, Any] | None = None,
                      draft_budget: int | None = None) -> Engine:
         """A new engine on the same loaded target with another drafter."""
-        _check_drafter_name(drafter)
         return Engine(self.loaded, _build_drafter(self.loaded, drafter, drafter_options), draft_budget)
 
     @property
@@ -169,8 +175,7 @@ class Engine:
                  stop: list[str] | None) -> GenerationRequest:
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty; pass at least one token")
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise InvalidRequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        check_max_new_tokens(max_new_tokens)
         context = self.loaded.target.max_context
         if len(prompt_ids) >= context:
             raise InvalidRequestError(
@@ -344,11 +349,15 @@ def _eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _check_drafter_name(drafter: str | None) -> None:
-    if drafter not in (None, "", "none"):
-        from quickdraft.drafters import drafter_class
+def check_max_new_tokens(max_new_tokens: object) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise InvalidRequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
 
-        drafter_class(drafter)
+
+def check_drafter(drafter: str | None, options: dict[str, Any] | None) -> None:
+    """Fail on an unknown drafter or option name before anything is loaded or built."""
+    if drafter not in (None, "", "none"):
+        check_drafter_options(drafter, options or {})
 
 
 def _build_drafter(loaded: LoadedModel, name: str | None, options: dict[str, Any] | None) -> Drafter | None:

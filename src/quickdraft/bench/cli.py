@@ -91,8 +91,10 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_drafter_options(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``["ngram:n=3", "k=4"]`` -> per-method option dicts (an unscoped option goes to every drafter method)."""
+    """``["ngram:n=3", "k=4"]`` -> per-method option dicts (an unscoped option goes to every drafter method);
+    values are read as by ``quickdraft generate --drafter-option`` (:func:`quickdraft.cli.option_value`)."""
     from quickdraft.bench.runners import BASELINE, PEERS
+    from quickdraft.cli import option_value
 
     drafters = [m for m in methods if m != BASELINE and m not in PEERS]
     options: dict[str, dict[str, Any]] = {m: {} for m in drafters}
@@ -103,17 +105,13 @@ def parse_drafter_options(items: Sequence[str], methods: Sequence[str]) -> dict[
         method, _, key = left.rpartition(":")
         if not key:
             raise InvalidRequestError(f"--drafter-option {item!r} has no key")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
         targets = [method] if method else drafters
         for target in targets:
             if target not in options:
                 raise InvalidRequestError(
                     f"--drafter-option {item!r} names {target!r}, which is not a drafter method in --methods"
                 )
-            options[target][key] = value
+            options[target][key] = option_value(raw)
     return {m: o for m, o in options.items() if o}
 
 
@@ -142,6 +140,7 @@ def _bench(args: argparse.Namespace) -> int:
     from quickdraft.bench.report import plot_speedups, render_table
     from quickdraft.bench.run import run_bench
     from quickdraft.bench.runners import check_methods, split_methods
+    from quickdraft.drafters import check_drafter_options
     from quickdraft.types import SamplingParams
 
     console = Console()
@@ -152,6 +151,8 @@ def _bench(args: argparse.Namespace) -> int:
     methods = split_methods(args.methods)
     check_methods(methods, draft_model=args.draft_model)
     options = parse_drafter_options(args.drafter_option, methods)
+    for method, method_options in options.items():
+        check_drafter_options(method, method_options)
 
     from quickdraft.engine import Engine
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from quickdraft.drafters.base import DraftContext, Drafter, DrafterSetup, StepOutcome
-from quickdraft.errors import UnknownDrafterError
+from quickdraft.errors import InvalidRequestError, QuickdraftError, UnknownDrafterError
 
 _REGISTRY: dict[str, type[Drafter]] = {}
 
@@ -55,7 +56,33 @@ def drafter_class(name: str) -> type[Drafter]:
 
 
 def create_drafter(name: str, setup: DrafterSetup) -> Drafter:
-    return drafter_class(name).from_setup(setup)
+    """Build drafter ``name`` with the user's options in ``setup``.
+
+    Raises :class:`InvalidRequestError` for an option the drafter does not know (naming those it knows) and
+    for a value its constructor rejects (a number that does not parse, a number where a list belongs),
+    instead of letting a ``TypeError`` or ``ValueError`` out."""
+    cls = check_drafter_options(name, setup.options)
+    try:
+        return cls.from_setup(setup)
+    except QuickdraftError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise InvalidRequestError(
+            f"invalid option value for the {name} drafter ({error}); options given: {setup.options}"
+        ) from error
+
+
+def check_drafter_options(name: str, options: Mapping[str, Any]) -> type[Drafter]:
+    """The class of drafter ``name``, after checking that it knows every option name in ``options`` (cheap:
+    nothing is built, so callers check before loading a model)."""
+    cls = drafter_class(name)
+    accepted = cls.accepted_options()
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        listed = ", ".join(sorted(accepted)) or "(none)"
+        raise InvalidRequestError(f"the {name} drafter has no option {', '.join(map(repr, unknown))}; "
+                                  f"its options are: {listed}")
+    return cls
 
 
 __all__ = [
@@ -64,6 +91,7 @@ __all__ = [
     "DrafterSetup",
     "StepOutcome",
     "available_drafters",
+    "check_drafter_options",
     "create_drafter",
     "drafter_class",
     "register",

@@ -88,6 +88,8 @@ class AutoDrafter(Drafter):
     """Options: ``sources`` (comma-separated drafter names, default ``suffix,recycle``), ``smoothing``
     (moving-average weight of the newest step, default 0.1), ``datastore`` (forwarded to ``suffix``)."""
 
+    option_names = frozenset({"sources", "smoothing", "datastore"})
+
     def __init__(self, sources: list[Drafter], smoothing: float = 0.1) -> None:
         if not sources:
             raise ValueError("auto needs at least one source drafter")

@@ -10,6 +10,7 @@ not branch on drafter names). Known needs:
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -65,6 +66,19 @@ class Drafter(ABC):
     needs: ClassVar[frozenset[str]] = frozenset()
     #: Target layers whose hidden states the drafter wants (with the "hidden_states" need).
     hidden_layers: tuple[int, ...] = ()
+
+    #: The option names a user may set (``--drafter-option NAME=VALUE``); None means the constructor's
+    #: keyword parameters. A drafter whose :meth:`from_setup` reads other names lists them here.
+    option_names: ClassVar[frozenset[str] | None] = None
+
+    @classmethod
+    def accepted_options(cls) -> frozenset[str]:
+        """The option names :meth:`from_setup` understands (see :attr:`option_names`)."""
+        if cls.option_names is not None:
+            return cls.option_names
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return frozenset(p.name for p in parameters if p.name != "self" and p.kind in keyword)
 
     @classmethod
     def from_setup(cls, setup: DrafterSetup) -> Drafter:

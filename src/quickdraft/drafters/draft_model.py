@@ -24,6 +24,8 @@ class DraftModelDrafter(Drafter):
     """Options: ``model`` (a path, or an already loaded :class:`TargetModel`), ``dtype`` (default: the
     target's), ``max_len`` (draft cache capacity, default: the target's context)."""
 
+    option_names = frozenset({"model", "dtype", "max_len"})
+
     def __init__(self, model: TargetModel, max_len: int) -> None:
         self.model = model
         self.max_len = max_len

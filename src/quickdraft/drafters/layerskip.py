@@ -127,6 +127,8 @@ class LayerSkipDrafter(Drafter):
     randomness, default 0)."""
 
     needs = frozenset({"target_session"})
+    option_names = frozenset({"skip", "threshold", "max_draft", "search", "interval", "trial_steps", "smoothing",
+                              "seed"})
 
     def __init__(
         self,

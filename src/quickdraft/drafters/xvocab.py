@@ -123,6 +123,8 @@ class CrossVocabDrafter(Drafter):
     default: the target's), ``k`` (draft tokens per step, default 6), ``window`` (committed target tokens
     re-tokenized at the boundary, default 8)."""
 
+    option_names = frozenset({"model", "tokenizer", "dtype", "k", "window"})
+
     def __init__(self, draft: TargetModel, draft_tokenizer: Any, target_tokenizer: Any, k: int = 6,
                  window: int = 8) -> None:
         if k < 1 or window < 1:
@@ -146,9 +148,6 @@ class CrossVocabDrafter(Drafter):
             )
         draft, tokenizer = _resolve_draft(source, options.pop("tokenizer", None), setup, options.pop("dtype", None))
         k, window = int(options.pop("k", 6)), int(options.pop("window", 8))
-        if options:
-            known = "model, tokenizer, dtype, k, window"
-            raise InvalidRequestError(f"xvocab: unknown options {sorted(options)}; known: {known}")
         return cls(draft, tokenizer, setup.tokenizer, k, window)
 
     def begin(self, ctx: DraftContext) -> None:

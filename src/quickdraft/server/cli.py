@@ -44,11 +44,11 @@ def serve_main(args: argparse.Namespace) -> int:
 
     from quickdraft.batching import BatchScheduler
     from quickdraft.cli import _drafter_options, console
-    from quickdraft.engine import Engine, _check_drafter_name
+    from quickdraft.engine import Engine, check_drafter
     from quickdraft.server.app import create_app
 
     _check_args(args)
-    _check_drafter_name(args.drafter)
+    check_drafter(args.drafter, _drafter_options(args))
     if args.threads:
         torch.set_num_threads(args.threads)
     listener = _bind(args.host, args.port)  # fail fast (port in use) before loading the model
