@@ -56,10 +56,19 @@ def create_app(scheduler: BatchScheduler, model_name: str, api_key: str | None =
     metrics = metrics or ServerMetrics()
     metrics.bind(scheduler)
     served = {model_name, *aliases}
-    created = int(time.time())
     app = FastAPI(title="quickdraft", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler = scheduler
     app.state.metrics = metrics
+    _add_error_handlers(app)
+    _add_status_routes(app, scheduler, metrics, model_name)
+    _add_model_routes(app, served)
+    _add_generation_routes(app, scheduler, metrics, served, max_body_bytes)
+    app.add_middleware(_GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error, routing ones and unexpected ones included, as OpenAI's error JSON."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -79,6 +88,10 @@ def create_app(scheduler: BatchScheduler, model_name: str, api_key: str | None =
         return _error_response(APIError(500, "The server had an error while processing your request.", None,
                                         "internal_error"))
 
+
+def _add_status_routes(app: FastAPI, scheduler: BatchScheduler, metrics: ServerMetrics, model_name: str) -> None:
+    """``/health`` (503 while the scheduler is not running) and ``/metrics``."""
+
     @app.get("/health")
     async def health() -> JSONResponse:
         alive = scheduler.running
@@ -90,6 +103,11 @@ def create_app(scheduler: BatchScheduler, model_name: str, api_key: str | None =
     @app.get("/metrics")
     async def metrics_endpoint() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _add_model_routes(app: FastAPI, served: set[str]) -> None:
+    """``/v1/models`` and ``/v1/models/{name}`` for the served name and its aliases."""
+    created = int(time.time())
 
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": created, "owned_by": "quickdraft"}
@@ -104,27 +122,28 @@ def create_app(scheduler: BatchScheduler, model_name: str, api_key: str | None =
             raise APIError(404, f"The model '{name}' does not exist", "model", "model_not_found")
         return JSONResponse(model_card(name))
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await _handle(request, "completions", parse_completion)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await _handle(request, "chat", parse_chat)
+def _add_generation_routes(app: FastAPI, scheduler: BatchScheduler, metrics: ServerMetrics, served: set[str],
+                           max_body_bytes: int) -> None:
+    """``/v1/completions`` and ``/v1/chat/completions``: read, validate, then serve through the scheduler."""
 
-    async def _handle(request: Request, endpoint: str, parse: Callable[[Any, set[str]], ParsedRequest]) -> Response:
+    async def handle(request: Request, endpoint: str, parse: Callable[[Any, set[str]], ParsedRequest]) -> Response:
         started = time.perf_counter()
         try:
             body = await _read_json(request, max_body_bytes)
             parsed = parse(body, served)
-            response = await _serve(request, endpoint, parsed, scheduler, metrics, started)
+            return await _serve(request, endpoint, parsed, scheduler, metrics, started)
         except APIError as error:
             metrics.request_done(endpoint, error.status)
             return _error_response(error)
-        return response
 
-    app.add_middleware(_GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
-    return app
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await handle(request, "completions", parse_completion)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await handle(request, "chat", parse_chat)
 
 
 def _error_response(error: APIError) -> JSONResponse:
