@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from quickdraft.errors import InvalidRequestError, QuickdraftError
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from quickdraft.bench.profile import CostPoint
+    from quickdraft.bench.report import BenchReport
 
 BENCH_HELP = "compare decoding methods on Spec-Bench-style prompts (speed, tau, losslessness)"
 BENCH_DESCRIPTION = (
@@ -133,11 +135,10 @@ def bench_main(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from quickdraft.bench.dataset import load_questions
     from quickdraft.bench.harness import count_generations
-    from quickdraft.bench.report import plot_speedups, render_table
+    from quickdraft.bench.report import render_table
     from quickdraft.bench.run import run_bench
     from quickdraft.bench.runners import check_methods, split_methods
     from quickdraft.drafters import check_drafter_options
@@ -164,41 +165,37 @@ def _bench(args: argparse.Namespace) -> int:
         "method_order": methods,
         "command": list(getattr(args, "argv", None) or sys.argv),
     }
-    total = count_generations(questions, len(methods))
-    with Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("building methods", total=total)
-
-        def advance(method: str, label: str) -> None:
-            progress.update(task, advance=1, description=f"{method:>12} {label}")
-
-        report = run_bench(
-            engine,
-            questions,
-            methods,
-            max_new_tokens=args.max_new_tokens,
-            params=params,
-            draft_model=args.draft_model,
-            drafter_options=options,
-            warmup_tokens=args.warmup_tokens,
-            llamacpp_threads=args.llamacpp_threads,
-            on_generation=advance,
-            settings=settings,
-        )
+    with _progress_bar(console, count_generations(questions, len(methods))) as advance:
+        report = run_bench(engine, questions, methods, max_new_tokens=args.max_new_tokens, params=params,
+                           draft_model=args.draft_model, drafter_options=options, warmup_tokens=args.warmup_tokens,
+                           llamacpp_threads=args.llamacpp_threads, on_generation=advance, settings=settings)
     render_table(report, console)
+    _write_report_files(report, args, console)
+    return 0
+
+
+@contextmanager
+def _progress_bar(console: Console, total: int) -> Iterator[Callable[[str, str], None]]:
+    """A transient bar over ``total`` generations; yields the callback that advances it by one."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("building methods", total=total)
+        yield lambda method, label: progress.update(task, advance=1, description=f"{method:>12} {label}")
+
+
+def _write_report_files(report: BenchReport, args: argparse.Namespace, console: Console) -> None:
+    """The JSON report and the speedup plot, where ``--json`` / ``--plot`` ask for them."""
+    from quickdraft.bench.report import plot_speedups
+
     if args.json:
         report.write_json(args.json)
         console.print(f"wrote {args.json}")
     if args.plot:
         plot_speedups(report, args.plot)
         console.print(f"wrote {args.plot}")
-    return 0
 
 
 def profile_main(args: argparse.Namespace) -> int:
