@@ -349,9 +349,10 @@ def _eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
     return frozenset(ids)
 
 
-def check_max_new_tokens(max_new_tokens: object) -> None:
+def check_max_new_tokens(max_new_tokens: object, name: str = "max_new_tokens") -> None:
+    """Fail unless ``max_new_tokens`` is an integer >= 1; ``name`` is what the message calls it (a CLI flag)."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise InvalidRequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        raise InvalidRequestError(f"{name} must be an integer >= 1, got {max_new_tokens!r}")
 
 
 def check_drafter(drafter: str | None, options: dict[str, Any] | None) -> None:

@@ -142,11 +142,11 @@ def _bench(args: argparse.Namespace) -> int:
     from quickdraft.bench.run import run_bench
     from quickdraft.bench.runners import check_methods, split_methods
     from quickdraft.drafters import check_drafter_options
+    from quickdraft.engine import check_max_new_tokens
     from quickdraft.types import SamplingParams
 
     console = Console()
-    if args.max_new_tokens < 1:
-        raise InvalidRequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_max_new_tokens(args.max_new_tokens, "--max-new-tokens")
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     questions = load_questions(args.dataset, args.per_category)
     methods = split_methods(args.methods)
@@ -165,25 +165,27 @@ def _bench(args: argparse.Namespace) -> int:
         "method_order": methods,
         "command": list(getattr(args, "argv", None) or sys.argv),
     }
-    with _progress_bar(console, count_generations(questions, len(methods))) as advance:
+    with _progress_bar(console, "building methods", count_generations(questions, len(methods))) as step:
         report = run_bench(engine, questions, methods, max_new_tokens=args.max_new_tokens, params=params,
                            draft_model=args.draft_model, drafter_options=options, warmup_tokens=args.warmup_tokens,
-                           llamacpp_threads=args.llamacpp_threads, on_generation=advance, settings=settings)
+                           llamacpp_threads=args.llamacpp_threads, settings=settings,
+                           on_generation=lambda method, label: step(f"{method:>12} {label}"))
     render_table(report, console)
     _write_report_files(report, args, console)
     return 0
 
 
 @contextmanager
-def _progress_bar(console: Console, total: int) -> Iterator[Callable[[str, str], None]]:
-    """A transient bar over ``total`` generations; yields the callback that advances it by one."""
+def _progress_bar(console: Console, description: str, total: int) -> Iterator[Callable[..., None]]:
+    """A transient bar over ``total`` steps; yields ``step(description=None)``, which advances it by one and
+    optionally replaces its description."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("building methods", total=total)
-        yield lambda method, label: progress.update(task, advance=1, description=f"{method:>12} {label}")
+        task = progress.add_task(description, total=total)
+        yield lambda new_description=None: progress.update(task, advance=1, description=new_description)
 
 
 def _write_report_files(report: BenchReport, args: argparse.Namespace, console: Console) -> None:
@@ -242,8 +244,6 @@ def _saved_curve(path: str) -> tuple[list[CostPoint], dict[str, Any]]:
 
 def _measured_curve(args: argparse.Namespace, console: Console) -> tuple[list[CostPoint], dict[str, Any]]:
     """Time forwards over each of ``--ks`` rows on the model, with a progress bar."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from quickdraft.bench import profile as prof
     from quickdraft.bench.run import engine_settings
     from quickdraft.engine import Engine
@@ -254,10 +254,8 @@ def _measured_curve(args: argparse.Namespace, console: Console) -> tuple[list[Co
     with console.status("loading the model ..."):
         engine = Engine.from_pretrained(args.model, None, dtype=args.dtype, device=args.device)
     timer = prof.make_timer(engine, ks, args.backend, args.context)
-    with Progress(TextColumn("timing forwards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task("profile", total=args.repeats * len(ks))
-        curve = prof.measure_cost_curve(timer, ks, args.repeats, on_measure=lambda k: progress.update(task, advance=1))
+    with _progress_bar(console, "timing forwards", args.repeats * len(ks)) as step:
+        curve = prof.measure_cost_curve(timer, ks, args.repeats, on_measure=lambda k: step())
     settings = {**engine_settings(engine), "context": args.context, "repeats": args.repeats, "backend": timer.name}
     return curve, settings
 

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from quickdraft.bench.dataset import Question
 from quickdraft.bench.prompts import WARMUP_PROMPT
 from quickdraft.bench.runners import BASELINE, MethodOutput, MethodRunner
+from quickdraft.engine import check_max_new_tokens
 from quickdraft.errors import InvalidRequestError
 from quickdraft.types import SamplingParams
 
@@ -97,8 +98,7 @@ def run_loop(
     ``on_generation(method, label)`` is called after each generation (warm-ups included), e.g. to advance a
     progress bar. ``warmup_tokens`` (default: ``max_new_tokens``) bounds the warm-up generation.
     """
-    if max_new_tokens < 1:
-        raise InvalidRequestError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens, "--max-new-tokens")
     names = [r.name for r in runners]
     if BASELINE not in names:
         raise InvalidRequestError(f"the benchmark needs the baseline method {BASELINE!r} among its methods")
