@@ -161,7 +161,40 @@ def test_prepacked_rows_do_not_depend_on_how_many_rows_are_computed_together():
     assert torch.equal(together, one_by_one)
 
 
-def test_fused_linear_falls_back_to_f_linear_off_float32():
+PREPACKABLE = [dtype for dtype in (torch.float32, torch.bfloat16) if prepacking_available(torch.zeros(1, dtype=dtype))]
+
+
+@pytest.mark.parametrize("dtype", PREPACKABLE)
+@pytest.mark.parametrize("width", [576, 1536])
+def test_prepacked_model_sized_rows_are_bit_identical_one_at_a_time_and_together(dtype, width):
+    """At SmolLM2's widths (576 in, and 1536 for the MLP's down projection, where oneDNN on AVX-512 sums a
+    lone row in another order than two or more), every row of a k-row product equals that row alone."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(width, 576, bias=False).to(dtype)
+    fused = FusedLinear([layer])
+    assert fused.prepacked
+    rows = torch.randn(1, 17, width, dtype=dtype)
+    for count in (2, 5, 17):
+        together = fused(rows[:, :count])
+        for i in range(count):
+            assert torch.equal(fused(rows[:, i:i + 1])[0, 0], together[0, i])
+    torch.testing.assert_close(fused(rows).float(), layer(rows).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_one_token_steps_match_transformers(architecture):
+    """Single-token forwards take the native forward's one-row paths (a lone query row and a lone linear row
+    computed as the first of two; grouped query heads folded into one attention call)."""
+    hf_model = tiny_hf_model(architecture)
+    ids = torch.randint(0, 90, (24,), generator=torch.Generator().manual_seed(2)).tolist()
+    expected = reference_logits(hf_model, ids)
+    session = NativeCausalLM(hf_model).new_session(32)
+    session.prefill(ids[:16])
+    for position in range(16, 24):
+        logits = session.extend([ids[position]])
+        assert (logits - expected[position]).abs().max() < 1e-4
+
+
+def test_fused_linear_falls_back_to_f_linear_for_float64():
     layers = [layer.double() for layer in _linears(True)]
     fused = FusedLinear(layers)
     assert not fused.prepacked

@@ -72,6 +72,21 @@ def test_cli_generate_streams_and_prints_statistics():
     assert "tok/s" in done.stderr and "tau" in done.stderr and "drafter ngram" in done.stderr
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cli_demo_compares_plain_and_speculative_decoding(dtype):
+    """`make demo`'s command. In float32 every answer must match plain decoding (exit status 1 otherwise); in
+    bfloat16 a mismatch is explained, not reported as a bug."""
+    done = run_cli("demo", "--dtype", dtype, "--max-new-tokens", "32")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"embedded model, {dtype}, 3 prompts" in done.stdout
+    rows = {line.split("│")[1].strip(): line for line in done.stdout.splitlines() if line.count("│") > 4}
+    assert set(rows) == {"ar", "ngram"}
+    if dtype == "float32":
+        assert "3/3" in rows["ngram"]
+    elif "3/3" not in rows["ngram"]:
+        assert "near-tie" in done.stdout
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [

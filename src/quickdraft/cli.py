@@ -129,6 +129,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if exact and identical < len(DEMO_PROMPTS):
         console.print("[bold red]speculative output differs from plain decoding: please report this bug[/bold red]")
         return 1
+    if identical < len(DEMO_PROMPTS):
+        console.print(f"[dim]In {str(base.dtype).replace('torch.', '')} a forward over several tokens rounds "
+                      "differently from one-token forwards, so a near-tie between the top two tokens can go the "
+                      "other way; --dtype float32 is exact. `quickdraft bench` lists each divergence with its "
+                      "top-2 logit gap.[/dim]")
     return 0
 
 

@@ -104,12 +104,16 @@ def hardware_info(device: Any = None) -> dict[str, Any]:
     """What the numbers were measured on."""
     import torch
 
+    from quickdraft.models.loading import cpu_has_native_bf16
+
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
     }

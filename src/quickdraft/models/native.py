@@ -1,9 +1,9 @@
 """A native forward for the Llama family (Llama, SmolLM2, Mistral, Qwen2, Qwen3) built for speculation.
 
 It reuses the small modules (RMSNorm, rotary embedding, q/k norms) of the loaded transformers model and
-holds its linear layers' weights fused and, on CPU in float32, prepacked (:mod:`quickdraft.models.layouts`: a
-second copy of the weights in memory, for matmuls about twice as fast at a few rows). It orchestrates the
-forward itself so that it can
+holds its linear layers' weights fused and, on CPU in float32 (and in bfloat16 where the CPU computes it
+natively), prepacked (:mod:`quickdraft.models.layouts`: a second copy of the weights in memory, for matmuls
+about twice as fast at a few rows). It orchestrates the forward itself so that it can
 
 - keep keys and values in a :class:`~quickdraft.kv.StaticKVCache` (O(1) rollback, in-place compaction),
 - run a forward over a token tree with per-node positions and a tree attention mask,
@@ -136,11 +136,38 @@ class NativeCausalLM(TargetModel):
         causal = attn_mask is None and length > 1
         if causal and place.end > length:
             raise ValueError("a causal forward over several tokens on a non-empty cache needs an explicit mask")
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=attn_mask, is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        out = self._scaled_dot_product(q, keys, values, attn_mask, causal)
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return linears.o(out)
+
+
+    def _scaled_dot_product(self, q, keys, values, attn_mask, causal) -> torch.Tensor:
+        """Attention of queries ``q [B, heads, T, head_dim]`` over ``keys``/``values [B, kv_heads, S,
+        head_dim]``.
+
+        With grouped-query attention and no causal flag, the ``heads / kv_heads`` query heads that share a kv
+        head are folded into one head of ``heads / kv_heads * T`` query rows: the same products, in fewer and
+        larger attention calls (about a quarter faster on CPU). A single query row left after that is
+        computed as the first of two equal rows: PyTorch's CPU attention kernel takes a path for one query row
+        that is about three times slower than for two (measured on AVX-512, bfloat16)."""
+        batch, heads, length, head_dim = q.shape
+        group = heads // self.num_kv_heads
+        if causal or group == 1:
+            return self._attention_call(q, keys, values, attn_mask, causal)
+        folded = q.reshape(batch, self.num_kv_heads, group * length, head_dim)
+        mask = None if attn_mask is None else attn_mask.repeat(1, 1, group, 1)
+        out = self._attention_call(folded, keys, values, mask, False)
+        return out.reshape(batch, heads, length, head_dim)
+
+    @staticmethod
+    def _attention_call(q, keys, values, attn_mask, causal) -> torch.Tensor:
+        single = q.shape[2] == 1 and q.device.type == "cpu"
+        if single:
+            q = torch.cat([q, q], dim=2)
+            attn_mask = None if attn_mask is None else torch.cat([attn_mask, attn_mask], dim=2)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, is_causal=causal,
+                                             enable_gqa=keys.shape[1] != q.shape[1])
+        return out[:, :, :1] if single else out
 
 
 @dataclass(frozen=True)
