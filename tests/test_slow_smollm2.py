@@ -61,6 +61,21 @@ def test_sampling_with_seed_is_reproducible_and_differs_across_seeds(smollm2_fp3
     assert len(others | {tuple(first)}) > 1
 
 
+def test_the_gguf_loads_as_dense_weights_in_bfloat16():
+    """transformers 5.24+ may keep GGUF weights packed; the native forward needs (and asks for) dense ones."""
+    from quickdraft.models.loading import load_model
+    from quickdraft.models.native import NativeCausalLM
+
+    loaded = load_model(dtype="bfloat16")
+    assert isinstance(loaded.target, NativeCausalLM)
+    linears = [module for name, module in loaded.hf_model.named_modules() if name.endswith(("_proj", "lm_head"))]
+    assert len(linears) == 30 * 7 + 1
+    for module in linears:
+        assert type(module) is torch.nn.Linear
+        assert module.weight.dtype == torch.bfloat16
+        assert module.weight.shape == (module.out_features, module.in_features)
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "quickdraft.cli", *args], capture_output=True, text=True, timeout=600)
 

@@ -155,7 +155,21 @@ def _load_transformers(path: Path, dtype: torch.dtype) -> tuple[Any, torch.nn.Mo
     directory, extra = _location(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **extra)
-        hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **extra)
+        hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **extra, **_dense_gguf(extra))
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"could not load a causal LM from {path}: {error}") from error
     return tokenizer, hf_model
+
+
+def _dense_gguf(extra: dict[str, Any]) -> dict[str, Any]:
+    """For a GGUF file, the ``from_pretrained`` argument that unpacks its weights into plain dense ones.
+
+    transformers 5.24 and later may keep a GGUF file's quantized weights in their packed blocks (when the
+    `kernels` package supplies a matmul for them) and warn when asked for another dtype than float32; the
+    native forward reads dense weights, so it asks for them. Earlier versions always unpack."""
+    import transformers
+
+    if "gguf_file" not in extra or not hasattr(transformers, "GgufConfig"):
+        return {}
+    return {"quantization_config": transformers.GgufConfig(dequantize=True)}
+
