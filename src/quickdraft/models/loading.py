@@ -172,4 +172,3 @@ def _dense_gguf(extra: dict[str, Any]) -> dict[str, Any]:
     if "gguf_file" not in extra or not hasattr(transformers, "GgufConfig"):
         return {}
     return {"quantization_config": transformers.GgufConfig(dequantize=True)}
-

@@ -57,6 +57,7 @@ class NativeCausalLM(TargetModel):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.query_group = self.num_heads // self.num_kv_heads
         self.vocab_size = config.vocab_size
         self.max_context = attention_span(config)
         self.num_layers = config.num_hidden_layers
@@ -96,7 +97,7 @@ class NativeCausalLM(TargetModel):
         ``rows``: the cache rows the batch occupies (default: all of them)."""
         hidden = self.embed_tokens(input_ids.to(self.device))
         cos, sin = self.rotary(hidden, positions.to(self.device))
-        attn_mask = None if mask is None else mask.to(self.device).unsqueeze(1)
+        attn_mask = None if mask is None else mask.to(self.device).unsqueeze(1).repeat(1, 1, self.query_group, 1)
         place = _Placement.of(cache, start, input_ids.shape, rows)
         collected: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.layers):
@@ -140,34 +141,34 @@ class NativeCausalLM(TargetModel):
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return linears.o(out)
 
-
-    def _scaled_dot_product(self, q, keys, values, attn_mask, causal) -> torch.Tensor:
+    def _scaled_dot_product(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                            attn_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         """Attention of queries ``q [B, heads, T, head_dim]`` over ``keys``/``values [B, kv_heads, S,
-        head_dim]``.
+        head_dim]``; ``attn_mask [B, 1, query_group * T, S]`` is :meth:`forward_batch`'s mask repeated once
+        per query head of a group.
 
-        With grouped-query attention and no causal flag, the ``heads / kv_heads`` query heads that share a kv
-        head are folded into one head of ``heads / kv_heads * T`` query rows: the same products, in fewer and
-        larger attention calls (about a quarter faster on CPU). A single query row left after that is
-        computed as the first of two equal rows: PyTorch's CPU attention kernel takes a path for one query row
-        that is about three times slower than for two (measured on AVX-512, bfloat16)."""
+        With grouped-query attention and no causal flag, the ``query_group = heads / kv_heads`` query heads
+        that share a kv head are folded into one head of ``query_group * T`` query rows: the same products,
+        in fewer and larger attention calls (about a quarter faster on CPU)."""
         batch, heads, length, head_dim = q.shape
-        group = heads // self.num_kv_heads
-        if causal or group == 1:
-            return self._attention_call(q, keys, values, attn_mask, causal)
-        folded = q.reshape(batch, self.num_kv_heads, group * length, head_dim)
-        mask = None if attn_mask is None else attn_mask.repeat(1, 1, group, 1)
-        out = self._attention_call(folded, keys, values, mask, False)
-        return out.reshape(batch, heads, length, head_dim)
+        if causal or self.query_group == 1:
+            return _attention_call(q, keys, values, attn_mask, causal)
+        folded = q.reshape(batch, self.num_kv_heads, self.query_group * length, head_dim)
+        return _attention_call(folded, keys, values, attn_mask, False).reshape(batch, heads, length, head_dim)
 
-    @staticmethod
-    def _attention_call(q, keys, values, attn_mask, causal) -> torch.Tensor:
-        single = q.shape[2] == 1 and q.device.type == "cpu"
-        if single:
-            q = torch.cat([q, q], dim=2)
-            attn_mask = None if attn_mask is None else torch.cat([attn_mask, attn_mask], dim=2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, is_causal=causal,
-                                             enable_gqa=keys.shape[1] != q.shape[1])
-        return out[:, :, :1] if single else out
+
+def _attention_call(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn_mask: torch.Tensor | None,
+                    causal: bool) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``, with a lone query row computed as the first of two equal rows:
+    PyTorch's CPU attention kernel takes a path for one query row that is about three times slower than for
+    two (measured on AVX-512, bfloat16)."""
+    single = q.shape[2] == 1 and q.device.type == "cpu"
+    if single:
+        q = torch.cat([q, q], dim=2)
+        attn_mask = None if attn_mask is None else torch.cat([attn_mask, attn_mask], dim=2)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, is_causal=causal,
+                                         enable_gqa=keys.shape[1] != q.shape[1])
+    return out[:, :, :1] if single else out
 
 
 @dataclass(frozen=True)
