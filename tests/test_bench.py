@@ -32,7 +32,16 @@ from quickdraft.bench.harness import BenchRun, Record, count_generations, run_lo
 from quickdraft.bench.metrics import Totals, aggregate
 from quickdraft.bench.report import BenchReport, plot_speedups, render_table, source_revision
 from quickdraft.bench.run import run_bench
-from quickdraft.bench.runners import HFRunner, MethodOutput, cut_at_eos, import_llama, split_methods
+from quickdraft.bench.runners import (
+    HFRunner,
+    MethodOutput,
+    build_runners,
+    check_methods,
+    cut_at_eos,
+    import_llama,
+    parse_method,
+    split_methods,
+)
 from quickdraft.errors import InvalidRequestError
 from quickdraft.types import SamplingParams
 
@@ -650,3 +659,32 @@ def test_source_revision_names_the_installed_version_and_the_checkout_commit():
     checkout = Path(__file__).resolve().parents[1]
     if (checkout / ".git").exists():
         assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", revision["commit"])
+
+
+def test_a_drafter_method_may_fix_its_draft_budget_with_at_n():
+    from conftest import tiny_engine
+
+    assert parse_method("suffix") == ("suffix", None)
+    assert parse_method("suffix@8") == ("suffix", 8)
+    check_methods(split_methods("suffix,suffix@4,ngram@16"))
+    for bad, fragment in [("suffix@0", "integer >= 1"), ("suffix@x", "integer >= 1"), ("suffix@", "integer >= 1"),
+                          ("ar@4", "only a drafter"), ("hf@2", "only a drafter"), ("nope@4", "unknown method")]:
+        with pytest.raises(InvalidRequestError, match=fragment):
+            check_methods(split_methods(bad))
+    runners = build_runners(tiny_engine(), ["ar", "suffix", "suffix@3"], drafter_options={"suffix@3": {"max_depth": 2}})
+    budgets = {runner.name: runner.engine.draft_budget for runner in runners}
+    assert budgets == {"ar": None, "suffix": None, "suffix@3": 3}
+    fixed = runners[2].engine
+    assert fixed.drafter.max_depth == 2
+    prompt = fixed.encode_prompt("abcabcabcabc")
+    stats = fixed.generate_ids(prompt, 12).stats
+    assert 0 < stats.drafted_tokens <= 3 * stats.target_forwards
+
+
+def test_bench_options_scoped_to_a_fixed_budget_method_are_checked_against_its_drafter(capsys):
+    options = parse_drafter_options(["suffix@4:max_depth=3"], ["ar", "suffix@4"])
+    assert options == {"suffix@4": {"max_depth": 3}}
+    args = _parse(add_bench_arguments, ["--methods", "suffix@4", "--drafter-option", "suffix@4:bogus=1"])
+    assert bench_main(args) == 2
+    assert "the suffix drafter has no option 'bogus'" in capsys.readouterr().err
+

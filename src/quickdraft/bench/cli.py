@@ -59,7 +59,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="first N questions of each task group (MT-Bench's 8 categories count as one group, "
                              "'multi-turn'); default: all")
     parser.add_argument("--methods", default=DEFAULT_METHODS,
-                        help="comma-separated: ar (baseline, always run), any registered drafter, hf, hf-pld, "
+                        help="comma-separated: ar (baseline, always run), any registered drafter (NAME@N: with "
+                             "a fixed budget of N draft nodes per step instead of the adaptive one), hf, hf-pld, "
                              f"hf-assisted (needs --draft-model), llamacpp (default: {DEFAULT_METHODS})")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per answer (default: 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
@@ -68,7 +69,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-model", metavar="PATH", default=None, help="draft model for hf-assisted")
     parser.add_argument("--drafter-option", metavar="[METHOD:]KEY=VALUE", action="append", default=[],
                         help="option for a drafter method (repeatable); without METHOD: for every drafter method. "
-                             "VALUE is read as JSON when it parses (numbers, true/false), else as a string")
+                             "VALUE is read as an int, a float or true/false where it is one, else as a string")
     parser.add_argument("--warmup-tokens", type=int, default=None,
                         help="length of each method's untimed warm-up generation (default: --max-new-tokens)")
     parser.add_argument("--llamacpp-threads", type=int, default=None, help="threads for llamacpp (default: torch's)")
@@ -140,7 +141,7 @@ def _bench(args: argparse.Namespace) -> int:
     from quickdraft.bench.harness import count_generations
     from quickdraft.bench.report import render_table
     from quickdraft.bench.run import run_bench
-    from quickdraft.bench.runners import check_methods, split_methods
+    from quickdraft.bench.runners import check_methods, parse_method, split_methods
     from quickdraft.drafters import check_drafter_options
     from quickdraft.engine import check_max_new_tokens
     from quickdraft.types import SamplingParams
@@ -153,7 +154,7 @@ def _bench(args: argparse.Namespace) -> int:
     check_methods(methods, draft_model=args.draft_model)
     options = parse_drafter_options(args.drafter_option, methods)
     for method, method_options in options.items():
-        check_drafter_options(method, method_options)
+        check_drafter_options(parse_method(method)[0], method_options)
 
     from quickdraft.engine import Engine
 

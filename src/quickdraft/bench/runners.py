@@ -300,12 +300,27 @@ def split_methods(spec: str | Iterable[str]) -> list[str]:
     return [BASELINE] + [n for n in names if n != BASELINE]
 
 
+def parse_method(name: str) -> tuple[str, int | None]:
+    """A method name's drafter and fixed draft budget: ``"suffix@8"`` is the suffix drafter verifying 8 draft
+    nodes every step, ``"suffix"`` the same drafter with the budget chosen per step (None)."""
+    drafter, at, budget = name.partition("@")
+    if not at:
+        return name, None
+    if drafter == BASELINE or drafter in PEERS:
+        raise InvalidRequestError(f"method {name!r}: only a drafter method takes @N (a fixed draft budget)")
+    if not budget.isdigit() or int(budget) < 1:
+        raise InvalidRequestError(f"method {name!r}: after @ comes the fixed draft budget, an integer >= 1, "
+                                  f"e.g. {drafter}@8")
+    return drafter, int(budget)
+
+
 def check_methods(methods: Sequence[str], *, draft_model: str | None = None) -> None:
     """Fail early (before any model loads) on a method that cannot run."""
     from quickdraft.drafters import available_drafters, drafter_class
     from quickdraft.errors import UnknownDrafterError
 
-    for name in methods:
+    for method in methods:
+        name, _ = parse_method(method)
         if name == BASELINE or name in PEERS:
             continue
         try:
@@ -330,7 +345,8 @@ def build_runners(
     seed: int | None = None,
     llamacpp_threads: int | None = None,
 ) -> list[MethodRunner]:
-    """A runner per method name; drafter names go to ``engine.with_drafter`` (which rejects unknown ones).
+    """A runner per method name; drafter names (with an optional ``@N`` fixed budget, :func:`parse_method`) go
+    to ``engine.with_drafter`` (which rejects unknown ones).
 
     ``drafter_options`` maps a method name to its drafter options.
     """
@@ -379,5 +395,6 @@ def build_runners(
                 )
             )
         else:
-            runners.append(EngineRunner(name, engine.with_drafter(name, drafter_options.get(name) or None)))
+            drafter, budget = parse_method(name)
+            runners.append(EngineRunner(name, engine.with_drafter(drafter, drafter_options.get(name) or None, budget)))
     return runners
