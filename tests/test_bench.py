@@ -687,4 +687,3 @@ def test_bench_options_scoped_to_a_fixed_budget_method_are_checked_against_its_d
     args = _parse(add_bench_arguments, ["--methods", "suffix@4", "--drafter-option", "suffix@4:bogus=1"])
     assert bench_main(args) == 2
     assert "the suffix drafter has no option 'bogus'" in capsys.readouterr().err
-
