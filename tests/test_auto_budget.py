@@ -3,9 +3,17 @@
 import pytest
 import torch
 
-from quickdraft.budget import BudgetPolicy, CostCurve, EvidenceBudget, chain_accepted, chain_rate
-from quickdraft.drafters.auto import AutoDrafter, coverage, merge_trees
+from quickdraft.budget import (
+    BudgetPolicy,
+    CostCurve,
+    EvidenceBudget,
+    chain_accepted,
+    chain_rate,
+    counterfactual_accepted,
+)
+from quickdraft.drafters.auto import AutoDrafter, merge_trees
 from quickdraft.drafters.base import DraftContext, Drafter, StepOutcome
+from quickdraft.tree import coverage, matched_path
 from quickdraft.types import DraftTree, SamplingParams, VerifyResult
 
 
@@ -137,9 +145,12 @@ def test_policy_retries_a_budget_that_failed_early_in_the_reply():
 
 def test_policy_carries_a_chain_acceptance_rate_to_untried_budgets():
     policy = BudgetPolicy(CostCurve.flat())
-    policy.update(4, chain_accepted(0.9, 4))
-    assert policy.expected_accepted(4) == pytest.approx(chain_accepted(0.9, 4))
-    assert policy.expected_accepted(16) == pytest.approx(chain_accepted(0.9, 16), rel=1e-6)
+    for _ in range(200):
+        policy.update(4, chain_accepted(0.9, 4))
+    assert policy.expected_accepted(4) == pytest.approx(chain_accepted(0.9, 4), rel=0.05)
+    carried = chain_accepted(chain_rate(policy.expected_accepted(4), 4), 16)
+    assert policy.expected_accepted(16) == pytest.approx(carried, rel=1e-6)
+    assert carried > policy.expected_accepted(4) + 2
     assert chain_rate(chain_accepted(0.3, 5), 5) == pytest.approx(0.3, abs=1e-6)
     assert chain_rate(5, 5) == 1.0
 
@@ -154,3 +165,37 @@ def test_evidence_budget_gives_strong_evidence_long_drafts_while_weak_evidence_k
     assert budget.choose(8) >= 16
     assert budget.choose(1) <= 2
     assert BudgetPolicy(curve).choose() == budget.choose(3)
+
+
+def test_matched_path_lists_the_nodes_the_committed_tokens_followed():
+    tree = DraftTree.from_paths([[1, 2, 3], [1, 4], [5]])
+    assert matched_path(tree, [1, 4, 9]) == [0, 3]
+    assert matched_path(tree, [1, 2, 3, 7]) == [0, 1, 2]
+    assert matched_path(tree, [6]) == []
+
+
+def test_counterfactual_acceptance_cuts_the_verified_tree_at_each_smaller_budget():
+    tree = DraftTree.from_paths([[1, 2, 3], [1, 4, 5]])  # nodes: 1, 2, 3, 4, 5 (4 under 1, 5 under 4)
+    ladder = (1, 2, 4, 8, 16)
+    assert counterfactual_accepted(tree, [1, 4, 5, 9], 8, 3, ladder) == {1: 1, 2: 1, 4: 2, 8: 3}
+    assert counterfactual_accepted(tree, [1, 2, 3, 7], 4, 3, ladder) == {1: 1, 2: 2, 4: 3}
+    assert counterfactual_accepted(tree, [8], 16, 0, ladder) == {1: 0, 2: 0, 4: 0, 8: 0, 16: 0}
+
+
+def test_one_large_step_informs_every_smaller_budget():
+    policy = BudgetPolicy(CostCurve.flat())
+    chain = DraftTree.chain(list(range(10, 74)))
+    policy.observe(chain, list(range(10, 30)) + [99], 64, 20)
+    assert set(policy.weight) == set(policy.ladder)
+    assert [policy.expected_accepted(n) > policy.expected_accepted(m) for m, n in [(1, 2), (8, 16), (16, 24)]] == [
+        True, True, True]
+    assert policy.accepted_sum[16] == 16 and policy.accepted_sum[24] == 20
+
+
+def test_a_stale_failed_budget_follows_what_smaller_budgets_now_show():
+    policy = BudgetPolicy(CostCurve.flat(), discount=0.9)
+    policy.update(8, 0)
+    assert policy.expected_accepted(8) <= 1
+    for _ in range(30):
+        policy.update(4, 4)  # every draft accepted at 4 nodes since
+    assert policy.expected_accepted(8) > 5

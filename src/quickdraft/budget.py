@@ -16,6 +16,16 @@ Garivier and Moulines 2011). A budget that did badly early in a reply is thus tr
 decayed, instead of being written off for the rest of the reply. The policy is deterministic: a request
 reproduces exactly.
 
+A step also tells what smaller budgets would have done (**counterfactual acceptance**): the verified tree cut
+to its first ``n`` nodes is what the drafter proposes with ``n`` nodes when it lists its best nodes first (a
+chain, a breadth-first tree), and the committed tokens that lie on one path of that cut are the draft tokens
+it would have had accepted. Every ladder budget up to the one verified is therefore updated every step, so a
+large budget, once tried, informs all smaller ones. The cut is an approximation for a drafter that shapes a
+small tree differently (the suffix drafter gives side branches a larger share of a small budget), and under
+sampling the committed tokens on the cut estimate, rather than replay, its rejection sampling. A budget
+larger than any tried gets its guess (below) plus the optimism bonus of a budget observed once, so it is
+tried where the cost curve makes it worth it.
+
 Acceptance depends strongly on the drafter's **evidence** for the step (see
 :meth:`~quickdraft.drafters.base.Drafter.evidence`; for the suffix drafter, the match length): a 1-token match
 rarely survives two nodes, an 8-token match into a copied passage often survives sixteen. An
@@ -27,16 +37,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from quickdraft.models.base import TargetModel
+from quickdraft.tree import matched_path
 from quickdraft.types import DraftTree
 
 DEFAULT_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+#: The weight of a budget's guess in its estimate, in observations (see :meth:`BudgetPolicy.expected_accepted`).
+PRIOR_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
@@ -109,37 +122,55 @@ class BudgetPolicy:
         return (1.0 + self.expected_accepted(budget) + self.bonus(budget)) / self.curve(budget + 1)
 
     def bonus(self, budget: int) -> float:
-        """The exploration bonus: large for a budget whose observations are few or old; 0 before any."""
-        weight = self.weight.get(budget)
-        if not weight:
-            return 0.0
+        """The exploration bonus: large for a budget whose observations are few or old (an untried budget
+        counts as observed once); 0 before any observation."""
         total = sum(self.weight.values())
+        if not total:
+            return 0.0
+        weight = self.weight.get(budget) or 1.0
         return self.exploration * math.sqrt(max(math.log(total), 1.0) / weight)
 
     def expected_accepted(self, budget: int) -> float:
-        """The discounted mean for ``budget`` once tried. Before that, a guess: from the nearest smaller tried
-        budget, the per-node acceptance rate that explains its mean on a chain (:func:`chain_rate`) carried
-        to ``budget`` nodes; else the nearest larger tried budget's mean; else ``min(budget, 2)``."""
-        if budget in self.weight:
-            return self.accepted_sum[budget] / self.weight[budget]
+        """The discounted mean for ``budget``, shrunk toward :meth:`guess` as if the guess had been observed
+        with weight ``PRIOR_WEIGHT``: a budget with many recent observations follows them, and one whose
+        observations are few or old follows what the other budgets now show."""
+        weight = self.weight.get(budget, 0.0)
+        return (self.accepted_sum.get(budget, 0.0) + PRIOR_WEIGHT * self.guess(budget)) / (weight + PRIOR_WEIGHT)
+
+    def guess(self, budget: int) -> float:
+        """What the other budgets suggest for ``budget``: from the nearest smaller tried budget, the per-node
+        acceptance rate that explains its estimate on a chain (:func:`chain_rate`) carried to ``budget``
+        nodes; else, for an untried budget, the nearest larger tried budget's estimate; else
+        ``min(budget, 2)``."""
         below = [n for n in self.weight if n < budget]
-        above = [n for n in self.weight if n > budget]
         if below:
             nearest = max(below)
             return chain_accepted(chain_rate(self.expected_accepted(nearest), nearest), budget)
-        if above:
+        above = [n for n in self.weight if n > budget]
+        if above and budget not in self.weight:
             return self.expected_accepted(min(above))
         return min(float(budget), 2.0)
 
-    def update(self, budget: int, accepted: int) -> None:
+    def update(self, budget: int, accepted: float) -> None:
         """Record that a step with ``budget`` nodes had ``accepted`` draft tokens accepted."""
-        if budget not in self.ladder:
+        self.record({budget: accepted})
+
+    def observe(self, tree: DraftTree, committed: list[int], budget: int, accepted: int) -> None:
+        """Record a verified step and its counterfactual acceptance at every smaller ladder budget."""
+        self.record(counterfactual_accepted(tree, committed, budget, accepted, self.ladder))
+
+    def record(self, accepted_by_budget: Mapping[int, float]) -> None:
+        """Record one step: ``accepted_by_budget[n]`` draft tokens were (or would have been) accepted with
+        ``n`` nodes. Budgets off the ladder are ignored; all earlier observations are discounted once."""
+        arms = {n: a for n, a in accepted_by_budget.items() if n in self.ladder}
+        if not arms:
             return
         for arm in self.weight:
             self.weight[arm] *= self.discount
             self.accepted_sum[arm] *= self.discount
-        self.weight[budget] = self.weight.get(budget, 0.0) + 1.0
-        self.accepted_sum[budget] = self.accepted_sum.get(budget, 0.0) + accepted
+        for arm, accepted in arms.items():
+            self.weight[arm] = self.weight.get(arm, 0.0) + 1.0
+            self.accepted_sum[arm] = self.accepted_sum.get(arm, 0.0) + accepted
 
 
 class EvidenceBudget:
@@ -161,6 +192,20 @@ class EvidenceBudget:
     def update(self, evidence: int, budget: int, accepted: int) -> None:
         """Record a step's outcome under the evidence level its drafter reported."""
         self.policy(evidence).update(budget, accepted)
+
+    def observe(self, evidence: int, tree: DraftTree, committed: list[int], budget: int, accepted: int) -> None:
+        """Record a verified step and its counterfactual acceptance under the evidence level reported."""
+        self.policy(evidence).observe(tree, committed, budget, accepted)
+
+
+def counterfactual_accepted(tree: DraftTree, committed: list[int], budget: int, accepted: int,
+                            ladder: Sequence[int]) -> dict[int, int]:
+    """Draft tokens accepted with each ladder budget up to ``budget`` in a step that verified ``tree`` (drafted
+    with ``budget`` nodes), accepted ``accepted`` of them and committed ``committed``: ``accepted`` itself for
+    budgets from ``tree.size`` on (the drafter had no more to give), else the committed tokens on one path of
+    the tree cut to that many nodes (see the module docstring)."""
+    path = matched_path(tree, committed)
+    return {n: accepted if n >= tree.size else sum(node < n for node in path) for n in ladder if n <= budget}
 
 
 def chain_accepted(rate: float, nodes: int) -> float:

@@ -1,4 +1,5 @@
-"""Operations on :class:`~quickdraft.types.DraftTree`: depths, children, the tree attention mask."""
+"""Operations on :class:`~quickdraft.types.DraftTree`: depths, children, the tree attention mask, and which
+nodes a committed continuation followed."""
 
 from __future__ import annotations
 
@@ -47,3 +48,24 @@ def verification_tokens(root_token: int, tree: DraftTree) -> torch.Tensor:
 def verification_positions(start: int, tree: DraftTree) -> torch.Tensor:
     """Absolute positions of the verification rows when the root sits at position ``start``."""
     return torch.cat([torch.zeros(1, dtype=torch.long), depths(tree)]) + start
+
+
+def matched_path(tree: DraftTree, committed: list[int]) -> list[int]:
+    """The nodes of the root-to-node path of ``tree`` that spells the longest prefix of ``committed``, in order
+    from the root (the first node that holds a token wins over a later duplicate sibling)."""
+    child: dict[tuple[int, int], int] = {}
+    for node, (token, parent) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist())):
+        child.setdefault((parent, token), node)
+    path: list[int] = []
+    node = -1
+    for token in committed:
+        node = child.get((node, token), -2)
+        if node == -2:
+            break
+        path.append(node)
+    return path
+
+
+def coverage(tree: DraftTree, committed: list[int]) -> int:
+    """How many of ``committed`` (from the first) lie on one root-to-node path of ``tree``."""
+    return len(matched_path(tree, committed))

@@ -28,6 +28,7 @@ import torch
 
 from quickdraft.drafters import create_drafter, register
 from quickdraft.drafters.base import DraftContext, Drafter, DrafterSetup, StepOutcome
+from quickdraft.tree import coverage
 from quickdraft.types import DraftTree
 
 #: A source's value before any step has been observed (optimistic: worth trying first).
@@ -67,20 +68,6 @@ def merge_trees(trees: list[DraftTree], budget: int, shares: list[float] | None 
                 parents.append(merged_parent)
             mapping[node] = index[key]
     return DraftTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
-
-
-def coverage(tree: DraftTree, committed: list[int]) -> int:
-    """How many of ``committed`` (from the first) lie on one root-to-node path of ``tree``."""
-    children: dict[tuple[int, int], int] = {}
-    for node, (token, parent) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist())):
-        children.setdefault((parent, token), node)
-    node, covered = -1, 0
-    for token in committed:
-        node = children.get((node, token), -2)
-        if node == -2:
-            break
-        covered += 1
-    return covered
 
 
 @register("auto")
