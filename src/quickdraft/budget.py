@@ -50,6 +50,9 @@ from quickdraft.types import DraftTree
 DEFAULT_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 #: The weight of a budget's guess in its estimate, in observations (see :meth:`BudgetPolicy.expected_accepted`).
 PRIOR_WEIGHT = 1.0
+#: Per-node acceptance rate assumed before any observation: optimistic, so the first step at an evidence level
+#: verifies a large tree (as large as the cost curve makes worth it), whose cuts then inform every smaller budget.
+PRIOR_RATE = 0.8
 
 
 @dataclass(frozen=True)
@@ -140,8 +143,8 @@ class BudgetPolicy:
     def guess(self, budget: int) -> float:
         """What the other budgets suggest for ``budget``: from the nearest smaller tried budget, the per-node
         acceptance rate that explains its estimate on a chain (:func:`chain_rate`) carried to ``budget``
-        nodes; else, for an untried budget, the nearest larger tried budget's estimate; else
-        ``min(budget, 2)``."""
+        nodes; else, for an untried budget, the nearest larger tried budget's estimate; else, before any
+        observation, a chain accepted at ``PRIOR_RATE`` per node."""
         below = [n for n in self.weight if n < budget]
         if below:
             nearest = max(below)
@@ -149,7 +152,7 @@ class BudgetPolicy:
         above = [n for n in self.weight if n > budget]
         if above and budget not in self.weight:
             return self.expected_accepted(min(above))
-        return min(float(budget), 2.0)
+        return chain_accepted(PRIOR_RATE, budget)
 
     def update(self, budget: int, accepted: float) -> None:
         """Record that a step with ``budget`` nodes had ``accepted`` draft tokens accepted."""
