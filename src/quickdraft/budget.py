@@ -112,46 +112,57 @@ class BudgetPolicy:
         self.accepted_sum: dict[int, float] = {}
 
     def choose(self, limit: int | None = None) -> int:
-        """The budget for the next step, at most ``limit``."""
+        """The budget for the next step, at most ``limit``: the best score when each estimate is raised by
+        its optimism bonus."""
         arms = [n for n in self.ladder if limit is None or n <= limit] or [min(self.ladder)]
-        return max(arms, key=self.optimistic_score)
-
-    def score(self, budget: int) -> float:
-        """Expected committed tokens per unit of verification time with ``budget`` nodes."""
-        return (1.0 + self.expected_accepted(budget)) / self.curve(budget + 1)
-
-    def optimistic_score(self, budget: int) -> float:
-        """:meth:`score` with the optimism bonus added to the expected accepted tokens."""
-        return (1.0 + self.expected_accepted(budget) + self.bonus(budget)) / self.curve(budget + 1)
-
-    def bonus(self, budget: int) -> float:
-        """The exploration bonus: large for a budget whose observations are few or old (an untried budget
-        counts as observed once); 0 before any observation."""
+        estimates = self.estimates()
         total = sum(self.weight.values())
+
+        def optimistic_score(budget: int) -> float:
+            return (1.0 + estimates[budget] + self.bonus(budget, total)) / self.curve(budget + 1)
+
+        return max(arms, key=optimistic_score)
+
+    def bonus(self, budget: int, total: float) -> float:
+        """The exploration bonus given ``total``, the summed weight of all observations: large for a budget
+        whose observations are few or old (an untried budget counts as observed once); 0 before any."""
         if not total:
             return 0.0
         weight = self.weight.get(budget) or 1.0
         return self.exploration * math.sqrt(max(math.log(total), 1.0) / weight)
 
     def expected_accepted(self, budget: int) -> float:
-        """The discounted mean for ``budget``, shrunk toward :meth:`guess` as if the guess had been observed
+        """The discounted mean for ``budget`` (a ladder budget), shrunk toward :meth:`guess` as if the guess had been observed
         with weight ``PRIOR_WEIGHT``: a budget with many recent observations follows them, and one whose
         observations are few or old follows what the other budgets now show."""
-        weight = self.weight.get(budget, 0.0)
-        return (self.accepted_sum.get(budget, 0.0) + PRIOR_WEIGHT * self.guess(budget)) / (weight + PRIOR_WEIGHT)
+        return self.estimates()[budget]
 
     def guess(self, budget: int) -> float:
-        """What the other budgets suggest for ``budget``: from the nearest smaller tried budget, the per-node
-        acceptance rate that explains its estimate on a chain (:func:`chain_rate`) carried to ``budget``
-        nodes; else, for an untried budget, the nearest larger tried budget's estimate; else, before any
-        observation, a chain accepted at ``PRIOR_RATE`` per node."""
+        """What the other budgets suggest for ``budget`` (see :meth:`_guess`)."""
+        return self._guess(budget, self.estimates())
+
+    def estimates(self) -> dict[int, float]:
+        """:meth:`expected_accepted` of every ladder budget, computed once: tried budgets from the smallest
+        (each guess needs only smaller tried ones), then untried budgets."""
+        known: dict[int, float] = {}
+        for budget in sorted(self.weight) + [n for n in self.ladder if n not in self.weight]:
+            guess = self._guess(budget, known)
+            weight = self.weight.get(budget, 0.0)
+            known[budget] = (self.accepted_sum.get(budget, 0.0) + PRIOR_WEIGHT * guess) / (weight + PRIOR_WEIGHT)
+        return known
+
+    def _guess(self, budget: int, known: dict[int, float]) -> float:
+        """From the nearest smaller tried budget, the per-node acceptance rate that explains its estimate on a
+        chain (:func:`chain_rate`) carried to ``budget`` nodes; else, for an untried budget, the nearest
+        larger tried budget's estimate; else, before any observation, a chain accepted at ``PRIOR_RATE`` per
+        node. ``known`` holds the estimates of the tried budgets this needs."""
         below = [n for n in self.weight if n < budget]
         if below:
             nearest = max(below)
-            return chain_accepted(chain_rate(self.expected_accepted(nearest), nearest), budget)
+            return chain_accepted(chain_rate(known[nearest], nearest), budget)
         above = [n for n in self.weight if n > budget]
         if above and budget not in self.weight:
-            return self.expected_accepted(min(above))
+            return known[min(above)]
         return chain_accepted(PRIOR_RATE, budget)
 
     def update(self, budget: int, accepted: float) -> None:
