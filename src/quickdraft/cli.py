@@ -15,6 +15,8 @@ from rich.table import Table
 from quickdraft.errors import QuickdraftError
 
 console = Console(stderr=True, soft_wrap=True)
+#: Where a command's results go (the demo's table and what explains it); status and errors go to ``console``.
+results = Console()
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -130,7 +132,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         console.print("[bold red]speculative output differs from plain decoding: please report this bug[/bold red]")
         return 1
     if identical < len(DEMO_PROMPTS):
-        console.print(f"[dim]In {str(base.dtype).replace('torch.', '')} a forward over several tokens rounds "
+        results.print(f"[dim]In {str(base.dtype).replace('torch.', '')} a forward over several tokens rounds "
                       "differently from one-token forwards, so a near-tie between the top two tokens can go the "
                       "other way; --dtype float32 is exact. `quickdraft bench` lists each divergence with its "
                       "top-2 logit gap.[/dim]")
@@ -146,7 +148,7 @@ def _print_demo_table(totals: dict[str, list], identical: int, count: int, dtype
         rate = tokens / seconds
         same = "-" if name == "ar" else f"{identical}/{count}"
         table.add_row(name, f"{rate:.1f}", f"{rate / base_rate:.2f}x", f"{tokens / forwards:.2f}", same)
-    Console().print(table)
+    results.print(table)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
