@@ -187,8 +187,8 @@ def test_one_large_step_informs_every_smaller_budget():
     chain = DraftTree.chain(list(range(10, 74)))
     policy.observe(chain, list(range(10, 30)) + [99], 64, 20)
     assert set(policy.weight) == set(policy.ladder)
-    assert [policy.expected_accepted(n) > policy.expected_accepted(m) for m, n in [(1, 2), (8, 16), (16, 24)]] == [
-        True, True, True]
+    pairs = [(1, 2), (8, 16), (16, 24)]
+    assert [policy.expected_accepted(n) > policy.expected_accepted(m) for m, n in pairs] == [True] * len(pairs)
     assert policy.accepted_sum[16] == 16 and policy.accepted_sum[24] == 20
 
 

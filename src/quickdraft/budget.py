@@ -9,7 +9,8 @@ commits ``1 + a(n)`` tokens on average, where ``a(n)`` is the drafter's mean acc
 
 estimating ``a(n)`` online for a ladder of budgets. The estimate is a **discounted mean**: every step, the
 weight of all earlier observations of every budget is multiplied by ``discount``, so the estimate follows the
-text as it changes (a copied passage, then free prose). The budget chosen is the one with the best score when
+text as it changes (a copied passage, then free prose), shrunk toward what the other budgets suggest (see
+:meth:`BudgetPolicy.expected_accepted`). The budget chosen is the one with the best score when
 each mean is raised by an optimism bonus ``exploration * sqrt(log(W) / w(n))``, where ``w(n)`` is the
 discounted weight of budget ``n``'s observations and ``W`` their sum over all budgets (discounted UCB,
 Garivier and Moulines 2011). A budget that did badly early in a reply is thus tried again once its weight has
@@ -132,8 +133,8 @@ class BudgetPolicy:
         return self.exploration * math.sqrt(max(math.log(total), 1.0) / weight)
 
     def expected_accepted(self, budget: int) -> float:
-        """The discounted mean for ``budget`` (a ladder budget), shrunk toward :meth:`guess` as if the guess had been observed
-        with weight ``PRIOR_WEIGHT``: a budget with many recent observations follows them, and one whose
+        """The discounted mean for ``budget`` (a ladder budget), shrunk toward :meth:`guess` as if the guess
+        had been observed with weight ``PRIOR_WEIGHT``: a budget with many recent observations follows them, and one whose
         observations are few or old follows what the other budgets now show."""
         return self.estimates()[budget]
 
