@@ -241,6 +241,20 @@ class SlowCountingDrafter(Drafter):
         type(self).ended += 1
 
 
+class StateAtFinish(Collector):
+    """Also records the scheduler's active rows and the drafters' end count when the Finished event arrives."""
+
+    def __init__(self, scheduler) -> None:
+        super().__init__()
+        self.scheduler = scheduler
+        self.seen = None
+
+    def __call__(self, event) -> None:
+        if isinstance(event, Finished):
+            self.seen = (self.scheduler.active, SlowCountingDrafter.ended)
+        super().__call__(event)
+
+
 def test_cancel_frees_the_slot_and_ends_the_drafter_at_once():
     engine = tiny_engine("llama")
     engine.eos_token_ids = frozenset()
@@ -260,8 +274,12 @@ def test_cancel_frees_the_slot_and_ends_the_drafter_at_once():
         assert scheduler.active == 0 and scheduler.stats.cancelled == 1
         assert SlowCountingDrafter.ended == ended + 1
         assert not collector.done.is_set()  # a cancelled request gets no more events
-        [after] = serve_all(scheduler, [PROMPTS[2]], [8])
+        after = StateAtFinish(scheduler)
+        scheduler.submit(ServeRequest(PROMPTS[2], 8, SamplingParams(), [], after))
+        assert after.done.wait(60)
         assert after.tokens == engine.generate_ids(PROMPTS[2], 8).token_ids
+        # A client that has its answer finds the request's row and drafter already freed.
+        assert after.seen == (0, ended + 2)
         assert scheduler._drafters_built <= 2  # drafters are pooled, not built per request
     finally:
         scheduler.close()

@@ -520,24 +520,25 @@ class BatchScheduler:
         sequence.failed = sequence.cancelled = True
 
     def _retire(self, sequence: _Sequence) -> None:
-        """The sequence is done, cancelled or failed: send its last events, free its drafter and cache row."""
+        """The sequence is done, cancelled or failed: free its drafter and cache row, then send its last events.
+
+        Freeing comes first so that a client that has its answer finds the scheduler already without it.
+        """
         if sequence.failed:
             pass
         elif sequence.cancelled:
             self.stats.cancelled += 1
         else:
-            tail = sequence.output.finish()
-            if tail:
-                sequence.emit(Delta(tail, []))
             sequence.stats.total_seconds = time.perf_counter() - sequence.started
-            completion = len(sequence.output.generated)
             self.stats.finished += 1
-            self.stats.completion_tokens += completion
-            sequence.emit(Finished(sequence.output.finish_reason, len(sequence.prompt_ids), completion,
-                                   sequence.stats))
-            if self.policy is not None:
-                self.policy.finished(sequence.estimate)
+            self.stats.completion_tokens += len(sequence.output.generated)
         self._release(sequence)
+        self._free_row(sequence)
+        if not sequence.cancelled:
+            self._emit_finish(sequence)
+
+    def _free_row(self, sequence: _Sequence) -> None:
+        """Move the last active row into the sequence's cache row, so that active rows stay 0..n-1."""
         if sequence in self._active:
             row = sequence.session.row
             last = self._active[-1]
@@ -550,6 +551,15 @@ class BatchScheduler:
             self._active.pop()
         self.stats.active = len(self._active)
         sequence.session = None
+
+    def _emit_finish(self, sequence: _Sequence) -> None:
+        tail = sequence.output.finish()
+        if tail:
+            sequence.emit(Delta(tail, []))
+        sequence.emit(Finished(sequence.output.finish_reason, len(sequence.prompt_ids),
+                               len(sequence.output.generated), sequence.stats))
+        if self.policy is not None:
+            self.policy.finished(sequence.estimate)
 
     def _release(self, sequence: _Sequence) -> None:
         if sequence.drafter is not None:
