@@ -5,9 +5,10 @@ reads the weight in its plain row-major layout on every call. oneDNN (the matmul
 build) can instead reorder a weight once into the blocked layout its kernels read: a *prepacked* weight, what
 PyTorch's compiler uses when it freezes a model for CPU inference. oneDNN prepacks float32 weights on any x86
 CPU, and bfloat16 weights where the CPU computes bfloat16 natively (AVX-512 BF16 or AMX). Each output row of a
-product with a prepacked weight is computed the same way for every row count from two up; a lone row is
-therefore computed as the first of two equal rows, and the linears of a k-row verification forward give, bit
-for bit, the rows that k one-row forwards would (``F.linear`` does not promise that).
+product with a prepacked weight is computed the same way for every row count from two to 32 (on an AMX Xeon
+some rows of a 33-row product differ); a lone row is therefore computed as the first of two equal rows, and the
+linears of a verification forward of up to 32 rows give, bit for bit, the rows that one-row forwards would
+(``F.linear`` does not promise that).
 
 Layers that read the same input are fused into one weight (q, k and v; gate and up), so a decoder layer makes
 four matmul calls instead of seven. Elsewhere (CUDA, float16, bfloat16 without native support, a PyTorch
