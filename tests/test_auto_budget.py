@@ -177,15 +177,15 @@ def test_matched_path_lists_the_nodes_the_committed_tokens_followed():
 def test_counterfactual_acceptance_cuts_the_verified_tree_at_each_smaller_budget():
     tree = DraftTree.from_paths([[1, 2, 3], [1, 4, 5]])  # nodes: 1, 2, 3, 4, 5 (4 under 1, 5 under 4)
     ladder = (1, 2, 4, 8, 16)
-    assert counterfactual_accepted(tree, [1, 4, 5, 9], 8, 3, ladder) == {1: 1, 2: 1, 4: 2, 8: 3}
-    assert counterfactual_accepted(tree, [1, 2, 3, 7], 4, 3, ladder) == {1: 1, 2: 2, 4: 3}
-    assert counterfactual_accepted(tree, [8], 16, 0, ladder) == {1: 0, 2: 0, 4: 0, 8: 0, 16: 0}
+    assert counterfactual_accepted(matched_path(tree, [1, 4, 5, 9]), 8, ladder) == {1: 1, 2: 1, 4: 2, 8: 3}
+    assert counterfactual_accepted(matched_path(tree, [1, 2, 3, 7]), 4, ladder) == {1: 1, 2: 2, 4: 3}
+    assert counterfactual_accepted(matched_path(tree, [8]), 16, ladder) == {1: 0, 2: 0, 4: 0, 8: 0, 16: 0}
 
 
 def test_one_large_step_informs_every_smaller_budget():
     policy = BudgetPolicy(CostCurve.flat())
     chain = DraftTree.chain(list(range(10, 74)))
-    policy.observe(chain, list(range(10, 30)) + [99], 64, 20)
+    policy.observe(matched_path(chain, list(range(10, 30)) + [99]), 64)
     assert set(policy.weight) == set(policy.ladder)
     pairs = [(1, 2), (8, 16), (16, 24)]
     assert [policy.expected_accepted(n) > policy.expected_accepted(m) for m, n in pairs] == [True] * len(pairs)

@@ -19,11 +19,11 @@ reproduces exactly.
 
 A step also tells what smaller budgets would have done (**counterfactual acceptance**): the verified tree cut
 to its first ``n`` nodes is what the drafter proposes with ``n`` nodes when it lists its best nodes first (a
-chain, a breadth-first tree), and the committed tokens that lie on one path of that cut are the draft tokens
-it would have had accepted. Every ladder budget up to the one verified is therefore updated every step, so a
+chain, a breadth-first tree), and the accepted nodes that lie in that cut (a node's parent comes before it, so
+these are the first accepted nodes) are the draft tokens it would have had accepted. Every ladder budget up to the one verified is therefore updated every step, so a
 large budget, once tried, informs all smaller ones. The cut is an approximation for a drafter that shapes a
 small tree differently (the suffix drafter gives side branches a larger share of a small budget), and under
-sampling the committed tokens on the cut estimate, rather than replay, its rejection sampling. A budget
+sampling the accepted nodes in the cut estimate, rather than replay, its rejection sampling. A budget
 larger than any tried gets its guess (below) plus the optimism bonus of a budget observed once, so it is
 tried where the cost curve makes it worth it.
 
@@ -45,7 +45,6 @@ import numpy as np
 import torch
 
 from quickdraft.models.base import TargetModel
-from quickdraft.tree import matched_path
 from quickdraft.types import DraftTree
 
 DEFAULT_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
@@ -170,9 +169,10 @@ class BudgetPolicy:
         """Record that a step with ``budget`` nodes had ``accepted`` draft tokens accepted."""
         self.record({budget: accepted})
 
-    def observe(self, tree: DraftTree, committed: list[int], budget: int, accepted: int) -> None:
-        """Record a verified step and its counterfactual acceptance at every smaller ladder budget."""
-        self.record(counterfactual_accepted(tree, committed, budget, accepted, self.ladder))
+    def observe(self, accepted_nodes: Sequence[int], budget: int) -> None:
+        """Record a verified step of ``budget`` nodes that accepted ``accepted_nodes`` (the tree's nodes on the
+        accepted path, root first) and its counterfactual acceptance at every smaller ladder budget."""
+        self.record(counterfactual_accepted(accepted_nodes, budget, self.ladder))
 
     def record(self, accepted_by_budget: Mapping[int, float]) -> None:
         """Record one step: ``accepted_by_budget[n]`` draft tokens were (or would have been) accepted with
@@ -208,19 +208,16 @@ class EvidenceBudget:
         """Record a step's outcome under the evidence level its drafter reported."""
         self.policy(evidence).update(budget, accepted)
 
-    def observe(self, evidence: int, tree: DraftTree, committed: list[int], budget: int, accepted: int) -> None:
+    def observe(self, evidence: int, accepted_nodes: Sequence[int], budget: int) -> None:
         """Record a verified step and its counterfactual acceptance under the evidence level reported."""
-        self.policy(evidence).observe(tree, committed, budget, accepted)
+        self.policy(evidence).observe(accepted_nodes, budget)
 
 
-def counterfactual_accepted(tree: DraftTree, committed: list[int], budget: int, accepted: int,
-                            ladder: Sequence[int]) -> dict[int, int]:
-    """Draft tokens accepted with each ladder budget up to ``budget`` in a step that verified ``tree`` (drafted
-    with ``budget`` nodes), accepted ``accepted`` of them and committed ``committed``: ``accepted`` itself for
-    budgets from ``tree.size`` on (the drafter had no more to give), else the committed tokens on one path of
-    the tree cut to that many nodes (see the module docstring)."""
-    path = matched_path(tree, committed)
-    return {n: accepted if n >= tree.size else sum(node < n for node in path) for n in ladder if n <= budget}
+def counterfactual_accepted(accepted_nodes: Sequence[int], budget: int, ladder: Sequence[int]) -> dict[int, int]:
+    """Draft tokens accepted with each ladder budget up to ``budget`` in a step that verified ``budget`` nodes
+    and accepted ``accepted_nodes``: those of them in the tree cut to that many nodes (see the module
+    docstring)."""
+    return {n: sum(node < n for node in accepted_nodes) for n in ladder if n <= budget}
 
 
 def chain_accepted(rate: float, nodes: int) -> float:

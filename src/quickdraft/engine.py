@@ -292,7 +292,7 @@ class _Run:
             result = verify_sampling(tree, out.logits, self.request.params, generator)
             session.commit(result.accepted_nodes)
             if self.policy and tree.size:
-                self.policy.observe(evidence, tree, result.tokens, budget, result.num_accepted)
+                self.policy.observe(evidence, result.accepted_nodes, budget)
             self.stats.target_forwards += 1
             self.stats.drafted_tokens += tree.size
             self.stats.accepted_tokens += result.num_accepted
