@@ -6,7 +6,7 @@ import torch
 from conftest import ARCHITECTURES, tiny_hf_model
 from quickdraft.models.hf import HFCausalLM
 from quickdraft.models.native import NativeCausalLM
-from quickdraft.models.layouts import FusedLinear, prepacking_available
+from quickdraft.models.layouts import ROW_INVARIANT_ROWS, FusedLinear, prepacking_available
 from quickdraft.types import DraftTree
 
 
@@ -53,6 +53,38 @@ def test_commit_compacts_the_accepted_path_so_decoding_continues_correctly(archi
     session.verify(prefix[-1], tree)
     session.commit([2, 3])  # keep 40, 41
     assert session.cached_length == len(prefix) + 2
+    out = session.verify(77, DraftTree.empty())
+    expected = reference_logits(hf_model, prefix + [40, 41, 77])[-1]
+    assert (out.logits[0] - expected).abs().max() < 1e-4
+
+
+BREADTH_FIRST_TREE = DraftTree(torch.tensor([10, 40, 20, 41, 42]), torch.tensor([-1, -1, 0, 1, 3]))
+
+
+def test_a_tree_not_in_depth_first_order_comes_back_in_its_own_node_order(architecture):
+    """The forward lays a breadth-first tree out depth-first; its rows come back in the tree's order, the same
+    numbers as for the tree given depth-first, and each matches its branch run alone."""
+    hf_model = tiny_hf_model(architecture)
+    prefix = [5, 9, 11, 3]
+    model = NativeCausalLM(hf_model)
+    breadth_first, depth_first = model.new_session(32), model.new_session(32)
+    for session in (breadth_first, depth_first):
+        session.prefill(prefix[:-1])
+    out = breadth_first.verify(prefix[-1], BREADTH_FIRST_TREE)
+    same_tree = depth_first.verify(prefix[-1], DraftTree.from_paths([[10, 20], [40, 41, 42]]))
+    assert torch.equal(out.logits, same_tree.logits[[0, 1, 3, 2, 4, 5]])
+    for node, branch in enumerate([[10], [40], [10, 20], [40, 41], [40, 41, 42]]):
+        expected = reference_logits(hf_model, prefix + branch)[-1]
+        assert (out.logits[node + 1] - expected).abs().max() < 1e-4
+
+
+def test_commit_after_a_breadth_first_tree_keeps_the_accepted_path(architecture):
+    hf_model = tiny_hf_model(architecture)
+    prefix = [5, 9, 11, 3]
+    session = NativeCausalLM(hf_model).new_session(32)
+    session.prefill(prefix[:-1])
+    session.verify(prefix[-1], BREADTH_FIRST_TREE)
+    session.commit([1, 3])  # keep 40, 41: laid out at rows 3 and 4
     out = session.verify(77, DraftTree.empty())
     expected = reference_logits(hf_model, prefix + [40, 41, 77])[-1]
     assert (out.logits[0] - expected).abs().max() < 1e-4
@@ -172,6 +204,18 @@ def test_prepacked_rows_do_not_depend_on_how_many_rows_are_computed_together(dty
             assert torch.equal(_joined(fused, rows[:, :count]), one_by_one[:, :count])
         expected = torch.cat([layer(rows) for layer in layers], dim=-1)
         torch.testing.assert_close(_joined(fused, rows).float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", PREPACKABLE)
+def test_row_exact_products_of_many_rows_equal_each_row_alone(dtype):
+    """Past ``ROW_INVARIANT_ROWS`` rows a row-exact product goes in pieces, so every row still equals that row
+    computed alone; a plain product of that many rows does not promise it."""
+    torch.manual_seed(0)
+    fused = FusedLinear([torch.nn.Linear(576, 1536, bias=False).to(dtype)])
+    rows = torch.randn(1, 70, 576, dtype=dtype)
+    one_by_one = torch.cat([fused(rows[:, i:i + 1]) for i in range(70)], dim=1)
+    for count in (ROW_INVARIANT_ROWS + 1, 70):
+        assert torch.equal(fused(rows[:, :count], row_exact=True), one_by_one[:, :count])
 
 
 def _joined(fused: FusedLinear, x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from quickdraft.drafters import available_drafters
+from quickdraft.models.loading import cpu_has_native_bf16, load_model
+from quickdraft.tree import depths, matched_path, reordered
 from quickdraft.types import DraftTree, SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -31,6 +33,34 @@ def test_native_forward_matches_transformers_on_smollm2(smollm2_fp32):
     session.prefill(ids[:-4])
     out = session.verify(ids[-4], DraftTree.chain(ids[-3:]))
     assert (out.logits - expected[-4:]).abs().max() < 2e-4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_verification_rows_equal_one_token_decoding_bit_for_bit(smollm2_fp32, dtype):
+    """The native forward is row-exact (quickdraft.models.native): a 40-token chain, and the first-child path
+    of a breadth-first tree with decoy siblings, give the logits one-token decoding gives, bit for bit."""
+    if dtype == "bfloat16" and not cpu_has_native_bf16():
+        pytest.skip("bfloat16 is row-exact only where the CPU computes it natively (prepacked linears)")
+    model = smollm2_fp32.loaded.target if dtype == "float32" else load_model(dtype=dtype).target
+    ids = smollm2_fp32.encode_prompt(PROMPTS[1])
+    session = model.new_session(len(ids) + 96)
+    decoded, step_logits = [], [session.prefill(ids)]
+    for _ in range(72):
+        decoded.append(int(step_logits[-1].argmax()))
+        step_logits.append(session.extend(decoded[-1:]))
+    for first in range(3, 30, 3):
+        chain = DraftTree.chain(decoded[first:first + 40])
+        decoys = [[token + 1] for token in decoded[first:first + 6]]
+        first_children = DraftTree.from_paths([decoded[first:first + 6]] + decoys)
+        breadth_first = reordered(first_children, sorted(range(first_children.size),
+                                                         key=lambda node: (int(depths(first_children)[node]), node)))
+        for tree, length in ((chain, 40), (breadth_first, 6)):
+            session.truncate(len(ids) + first - 1)
+            out = session.verify(decoded[first - 1], tree)
+            path = matched_path(tree, decoded[first:first + length])
+            assert len(path) == length
+            for depth, row in enumerate([0] + [node + 1 for node in path]):
+                assert torch.equal(out.logits[row], step_logits[first + depth]), (first, tree.size, depth)
 
 
 @pytest.mark.parametrize("drafter", [d for d in available_drafters() if d not in NEEDS_OTHER_MODEL])

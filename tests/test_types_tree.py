@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from quickdraft.errors import InvalidRequestError
-from quickdraft.tree import children, depths, verification_mask, verification_positions
+from quickdraft.tree import children, depth_first_order, depths, reordered, verification_mask, verification_positions
 from quickdraft.types import DraftTree, SamplingParams
 
 
@@ -74,3 +74,34 @@ def test_verification_mask_is_ancestor_or_self():
 def test_chain_mask_is_causal():
     tree = DraftTree.chain([3, 4, 5])
     assert torch.equal(verification_mask(tree), torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def test_depth_first_order_puts_the_first_child_path_first_and_parents_before_children():
+    # breadth-first: 0:a 1:b (root's children), 2:a1 3:a2 (a's), 4:b1 (b's), 5:a11 (a1's)
+    tree = DraftTree(torch.tensor([10, 20, 11, 12, 21, 13]), torch.tensor([-1, -1, 0, 0, 1, 2]))
+    assert depth_first_order(tree) == [0, 2, 5, 3, 1, 4]
+    assert depth_first_order(DraftTree.chain([4, 5, 6])) == [0, 1, 2]
+    assert depth_first_order(DraftTree.empty()) == []
+
+
+def test_reordered_keeps_every_path_and_renumbers_parents():
+    tree = DraftTree(torch.tensor([10, 20, 11, 12, 21, 13]), torch.tensor([-1, -1, 0, 0, 1, 2]),
+                     torch.eye(6))
+    order = depth_first_order(tree)
+    laid = reordered(tree, order)
+    assert laid.tokens.tolist() == [10, 11, 13, 12, 20, 21]
+    assert laid.parents.tolist() == [-1, 0, 1, 0, -1, 4]
+    assert torch.equal(laid.draft_probs, torch.eye(6)[order])
+
+    def paths(t: DraftTree) -> set[tuple[int, ...]]:
+        tokens, parents = t.tokens.tolist(), t.parents.tolist()
+        result = set()
+        for node in range(t.size):
+            path = []
+            while node >= 0:
+                path.append(tokens[node])
+                node = parents[node]
+            result.add(tuple(reversed(path)))
+        return result
+
+    assert paths(laid) == paths(tree)

@@ -1,5 +1,5 @@
-"""Operations on :class:`~quickdraft.types.DraftTree`: depths, children, the tree attention mask, and which
-nodes a committed continuation followed."""
+"""Operations on :class:`~quickdraft.types.DraftTree`: depths, children, depth-first renumbering, the tree
+attention mask, and which nodes a committed continuation followed."""
 
 from __future__ import annotations
 
@@ -23,6 +23,30 @@ def children(tree: DraftTree) -> list[list[int]]:
     for i, parent in enumerate(tree.parents.tolist()):
         result[parent + 1].append(i)
     return result
+
+
+def depth_first_order(tree: DraftTree) -> list[int]:
+    """The nodes in depth-first preorder, siblings in their order (best first): laid out in this order, the
+    path of first children fills consecutive slots, and every node still comes after its parent."""
+    below = children(tree)
+    order: list[int] = []
+    pending = below[0][::-1]
+    while pending:
+        node = pending.pop()
+        order.append(node)
+        pending.extend(below[node + 1][::-1])
+    return order
+
+
+def reordered(tree: DraftTree, order: list[int]) -> DraftTree:
+    """``tree`` with its nodes renumbered: new node ``k`` is old node ``order[k]`` (parents first)."""
+    index = torch.tensor(order, dtype=torch.long)
+    renumber = torch.empty(tree.size + 1, dtype=torch.long)
+    renumber[0] = -1
+    renumber[index + 1] = torch.arange(tree.size)
+    parents = renumber[tree.parents[index] + 1]
+    probs = None if tree.draft_probs is None else tree.draft_probs[index]
+    return DraftTree(tree.tokens[index], parents, probs)
 
 
 def verification_mask(tree: DraftTree) -> torch.Tensor:
