@@ -14,19 +14,19 @@ about twice as fast at a few rows). It orchestrates the forward itself so that i
 Every forward after the prompt's first one is *row-exact*: each of its rows is computed, bit for bit, as a
 one-token decoding step would compute it, as long as the row's visible keys sit in consecutive cache slots
 (a chain; in a tree, the path of first children, which :meth:`NativeSession.verify` lays out consecutively).
-In float32 this changes nothing one can see; in bfloat16 it keeps speculative decoding on the text plain
-decoding writes far more often (rounding differences flip near-ties). Three things make it so, each measured
+In float32 (where rows used to differ in the last bits only) no output changes; in bfloat16 it keeps
+speculative decoding on the text plain decoding writes far more often (rounding differences flip near-ties). Three things make it so, each measured
 on an AMX Xeon in bfloat16 with PyTorch's CPU attention kernel and oneDNN's prepacked linears:
 
 - attention reads the cache in whole blocks of :data:`KEY_BLOCK` slots, the slots past a row's keys masked
   out: the kernel sums a row's scores in another order once the number of keys crosses a multiple of 16;
-- attention takes at most :data:`QUERY_CHUNK` tokens' queries per call: from about 22 tokens (66 query rows
-  with three query heads per kv head) on, a row's output depends on the other rows of the call;
+- attention takes at most :data:`QUERY_ROWS` query rows per call (20 tokens with three query heads folded
+  per kv head): from 64 rows on (22 tokens), a row's output depends on the other rows of the call;
 - linears multiply at most ``ROW_INVARIANT_ROWS`` rows at a time (:mod:`quickdraft.models.layouts`).
 
 Measured on the embedded model (bfloat16, 8 Spec-Bench prompts, verification rows vs the logits of one-token
 decoding): without these, 78% of chain rows and 92% of tree rows differed; with them, no chain row and no
-first-child-path row of trees up to 94 nodes differs, and rows after a gap still do (about half of them).
+first-child-path row of trees up to 93 nodes differs, and rows after a gap still do (about half of them).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from quickdraft.types import DraftTree
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 KEY_BLOCK = 16
-QUERY_CHUNK = 16
+QUERY_ROWS = 60
 
 
 def attention_span(config: Any) -> int:
@@ -177,15 +177,17 @@ class NativeCausalLM(TargetModel):
 
     def _chunked_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                            attn_mask: torch.Tensor) -> torch.Tensor:
-        """Masked attention of ``q [B, heads, T, head_dim]``, at most :data:`QUERY_CHUNK` tokens per call."""
+        """Masked attention of ``q [B, heads, T, head_dim]``, at most :data:`QUERY_ROWS` folded query rows
+        (:meth:`_scaled_dot_product`) per call."""
         length = q.shape[2]
-        if length <= QUERY_CHUNK:
+        chunk = max(1, QUERY_ROWS // self.query_group)
+        if length <= chunk:
             return self._scaled_dot_product(q, keys, values, attn_mask, False)
         grouped = attn_mask.unflatten(2, (self.query_group, length))
         parts = [
-            self._scaled_dot_product(q[:, :, first:first + QUERY_CHUNK], keys, values,
-                                     grouped[:, :, :, first:first + QUERY_CHUNK].flatten(2, 3), False)
-            for first in range(0, length, QUERY_CHUNK)
+            self._scaled_dot_product(q[:, :, first:first + chunk], keys, values,
+                                     grouped[:, :, :, first:first + chunk].flatten(2, 3), False)
+            for first in range(0, length, chunk)
         ]
         return torch.cat(parts, dim=2)
 
