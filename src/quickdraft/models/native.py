@@ -15,8 +15,9 @@ Every forward after the prompt's first one is *row-exact*: each of its rows is c
 one-token decoding step would compute it, as long as the row's visible keys sit in consecutive cache slots
 (a chain; in a tree, the path of first children, which :meth:`NativeSession.verify` lays out consecutively).
 In float32 (where rows used to differ in the last bits only) no output changes; in bfloat16 it keeps
-speculative decoding on the text plain decoding writes far more often (rounding differences flip near-ties). Three things make it so, each measured
-on an AMX Xeon in bfloat16 with PyTorch's CPU attention kernel and oneDNN's prepacked linears:
+speculative decoding on the text plain decoding writes far more often (rounding differences flip near-ties).
+Besides that layout, three things make it so, each measured on an AMX Xeon in bfloat16 with PyTorch's CPU
+attention kernel and oneDNN's prepacked linears:
 
 - attention reads the cache in whole blocks of :data:`KEY_BLOCK` slots, the slots past a row's keys masked
   out: the kernel sums a row's scores in another order once the number of keys crosses a multiple of 16;
@@ -353,11 +354,10 @@ class NativeSession(TargetSession):
         start = self.cache.lengths[self._row]
         self._verify_start = start
         self._layout = layout = _DepthFirstLayout.of(tree)
-        tokens = verification_tokens(root, layout.tree).unsqueeze(0)
-        positions = verification_positions(start, layout.tree).unsqueeze(0)
-        mask = _prefixed(verification_mask(layout.tree), start).unsqueeze(0) if tree.size else None
-        out = self.model.forward(tokens, positions, self.cache, start, mask, hidden_layers=hidden_layers,
-                                 rows=self._rows)
+        tokens, positions, tree_mask = layout.inputs(root, start)
+        mask = _prefixed(tree_mask, start).unsqueeze(0) if tree.size else None
+        out = self.model.forward(tokens.unsqueeze(0), positions.unsqueeze(0), self.cache, start, mask,
+                                 hidden_layers=hidden_layers, rows=self._rows)
         return layout.restored(out)
 
     def commit(self, accepted_nodes: list[int]) -> None:
@@ -405,11 +405,9 @@ def verify_batch(sessions: list[NativeSession], roots: list[int], trees: list[Dr
     for b, (session, root, tree, start) in enumerate(zip(sessions, roots, trees, starts)):
         rows = tree.size + 1
         session._layout = layout = _DepthFirstLayout.of(tree)
-        tokens[b, :rows] = verification_tokens(root, layout.tree)
-        positions[b, :rows] = verification_positions(start, layout.tree)
+        tokens[b, :rows], positions[b, :rows], mask[b, :rows, start : start + rows] = layout.inputs(root, start)
         positions[b, rows:] = start
         mask[b, :, :start] = True
-        mask[b, :rows, start : start + rows] = verification_mask(layout.tree)
         pad = torch.arange(rows, width)
         mask[b, pad, start + pad] = True
         session._verify_start = start
@@ -440,7 +438,13 @@ class _DepthFirstLayout:
             return cls(tree, None)
         rows = torch.empty(tree.size, dtype=torch.long)
         rows[torch.tensor(order, dtype=torch.long)] = torch.arange(1, tree.size + 1)
-        return cls(reordered(tree, order), rows)
+        return cls(reordered(DraftTree(tree.tokens, tree.parents), order), rows)
+
+    def inputs(self, root: int, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The forward's token ids and positions ``[N + 1]`` and the mask among its rows ``[N + 1, N + 1]``,
+        the root at position ``start``."""
+        return (verification_tokens(root, self.tree), verification_positions(start, self.tree),
+                verification_mask(self.tree))
 
     def row(self, node: int) -> int:
         return node + 1 if self.rows is None else int(self.rows[node])
