@@ -241,17 +241,27 @@ class SlowCountingDrafter(Drafter):
         type(self).ended += 1
 
 
-class StateAtFinish(Collector):
-    """Also records the scheduler's active rows and the drafters' end count when the Finished event arrives."""
+@register("test-out-of-vocabulary")
+class OutOfVocabularyDrafter(SlowCountingDrafter):
+    """Proposes a token the target has no embedding for, so the batched verification forward fails."""
 
-    def __init__(self, scheduler) -> None:
+    def propose(self, ctx, budget):
+        return DraftTree.chain([10**6])
+
+
+class StateAtFinish(Collector):
+    """Also records the scheduler's active rows and the drafters' end count when the Finished or Failed event
+    arrives."""
+
+    def __init__(self, scheduler, drafter_class=SlowCountingDrafter) -> None:
         super().__init__()
         self.scheduler = scheduler
+        self.drafter_class = drafter_class
         self.seen = None
 
     def __call__(self, event) -> None:
-        if isinstance(event, Finished):
-            self.seen = (self.scheduler.active, SlowCountingDrafter.ended)
+        if isinstance(event, (Finished, Failed)):
+            self.seen = (self.scheduler.active, self.drafter_class.ended)
         super().__call__(event)
 
 
@@ -281,6 +291,21 @@ def test_cancel_frees_the_slot_and_ends_the_drafter_at_once():
         # A client that has its answer finds the request's row and drafter already freed.
         assert after.seen == (0, ended + 2)
         assert scheduler._drafters_built <= 2  # drafters are pooled, not built per request
+    finally:
+        scheduler.close()
+
+
+def test_a_failed_step_frees_the_slot_and_ends_the_drafter_before_the_error_is_sent():
+    engine = tiny_engine("llama")
+    scheduler = BatchScheduler(engine, "test-out-of-vocabulary", max_batch=2, cost_curve=CostCurve.flat()).start()
+    try:
+        ended = OutOfVocabularyDrafter.ended
+        failing = StateAtFinish(scheduler, OutOfVocabularyDrafter)
+        scheduler.submit(ServeRequest(PROMPTS[0], 20, SamplingParams(), [], failing))
+        assert failing.done.wait(60)
+        assert isinstance(failing.final, Failed) and failing.final.code == "internal_error"
+        assert failing.seen == (0, ended + 1)
+        assert scheduler.stats.failed == 1
     finally:
         scheduler.close()
 

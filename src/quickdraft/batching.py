@@ -413,7 +413,6 @@ class BatchScheduler:
                 first = choose(logits, sequence.request.params, sequence.generator)
             except Exception as error:  # noqa: BLE001 - fail this request, keep serving
                 log.exception("prefill failed for request %d", sequence.ticket)
-                self._release(sequence)
                 self._fail(sequence, f"prefill failed: {error}", 500, "internal_error")
                 continue
             sequence.stats.prefill_seconds = time.perf_counter() - started
@@ -436,7 +435,6 @@ class BatchScheduler:
             log.exception("batched step failed; failing %d requests", len(self._active))
             for sequence in list(reversed(self._active)):
                 self._fail(sequence, f"generation failed: {error}", 500, "internal_error")
-                self._retire(sequence)
 
     def _step(self) -> None:
         sequences = list(self._active)
@@ -514,10 +512,16 @@ class BatchScheduler:
         return committed
 
     def _fail(self, sequence: _Sequence, message: str, status: int, code: str | None) -> None:
-        if not sequence.failed:
+        """End the sequence with an error: free its drafter and cache row, then send Failed (once)."""
+        first = not sequence.failed
+        sequence.failed = sequence.cancelled = True
+        if self.batched and sequence in self._active:
+            self._retire(sequence)
+        else:
+            self._release(sequence)
+        if first:
             self.stats.failed += 1
             sequence.emit(Failed(message, status, code))
-        sequence.failed = sequence.cancelled = True
 
     def _retire(self, sequence: _Sequence) -> None:
         """The sequence is done, cancelled or failed: free its drafter and cache row, then send its last events.
@@ -595,6 +599,7 @@ class BatchScheduler:
         run = self._plain.start(sequence.prompt_ids, sequence.max_new_tokens, sequence.request.params,
                                 sequence.request.stop)
         chunks = run.chunks()
+        failure = None
         try:
             for chunk in chunks:
                 if chunk.text or chunk.token_ids:
@@ -604,11 +609,13 @@ class BatchScheduler:
                     break
         except Exception as error:  # noqa: BLE001
             log.exception("generation failed for request %d", sequence.ticket)
-            self._fail(sequence, f"generation failed: {error}", 500, "internal_error")
+            failure = f"generation failed: {error}"
         finally:
             chunks.close()
             self._active.clear()
             self.stats.active = 0
+        if failure is not None:
+            self._fail(sequence, failure, 500, "internal_error")
         if sequence.cancelled:
             self.stats.cancelled += 0 if sequence.failed else 1
             return
@@ -627,8 +634,6 @@ class BatchScheduler:
         self._drain(block=False)
         for sequence in list(reversed(self._active)) + list(self._waiting):
             self._fail(sequence, "the server is shutting down", 503, "shutting_down")
-            if self.batched and sequence in self._active:
-                self._retire(sequence)
         self._waiting.clear()
         self._active.clear()
 
