@@ -613,6 +613,14 @@ def test_parse_drafter_options():
         parse_drafter_options(["novalue"], methods)
 
 
+def test_bench_datastore_goes_to_the_drafters_that_take_one():
+    options = parse_drafter_options(["ngram:max_ngram=2"], ["ar", "ngram", "suffix", "auto@8"], "store.npz")
+    assert options == {"ngram": {"max_ngram": 2}, "suffix": {"datastore": "store.npz"},
+                       "auto@8": {"datastore": "store.npz"}}
+    with pytest.raises(InvalidRequestError, match="add one of them to --methods"):
+        parse_drafter_options([], ["ar", "ngram"], "store.npz")
+
+
 def test_profile_from_saved_curve_with_bench_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     curve = {"model": "m", "dtype": "bfloat16", "device": "cpu", "backend": "fake",

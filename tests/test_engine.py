@@ -214,6 +214,7 @@ def test_missing_model_path_is_a_clear_error():
     (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
     (["--drafter", "suffix", "--drafter-option", "depth=2"], "the suffix drafter has no option 'depth'"),
     (["--drafter", "no-such-drafter"], "unknown drafter 'no-such-drafter'"),
+    (["--drafter", "ngram", "--datastore", "store.npz"], "the ngram drafter has no option 'datastore'"),
 ])
 def test_generate_cli_checks_its_arguments_before_loading_the_model(arguments, fragment, capsys):
     from quickdraft.cli import main

@@ -425,3 +425,19 @@ def test_health_says_unavailable_with_503_when_the_scheduler_is_not_running(engi
         finally:
             scheduler.close()
         assert not scheduler.running and http.get("/health").status_code == 503
+
+
+def test_a_datastore_path_is_loaded_once_and_shared_by_every_slot_drafter(tmp_path):
+    from quickdraft.drafters import DrafterSetup, create_drafter
+    from quickdraft.drafters.datastore import StaticAutomaton, build_datastore
+    from quickdraft.server.cli import _shared_drafter_options
+
+    path = tmp_path / "store.npz"
+    build_datastore([[10, 11, 12, 13], [20, 21]], path)
+    options = _shared_drafter_options({"datastore": str(path)}, engine=None)
+    assert isinstance(options["datastore"], StaticAutomaton)
+    loaded = tiny_loaded("llama")
+    setup = DrafterSetup(loaded.target, loaded.tokenizer, options)
+    first, second = create_drafter("suffix", setup), create_drafter("suffix", setup)
+    auto = create_drafter("auto", setup)
+    assert first.datastore is second.datastore is auto.sources[0].datastore is options["datastore"]

@@ -162,7 +162,11 @@ def test_cli_index_builds_a_datastore_and_rejects_bad_corpora(tmp_path):
     store = tmp_path / "store.npz"
     done = run_cli("index", str(corpus), "-o", str(store))
     assert done.returncode == 0, done.stderr
-    assert store.is_file()
+    assert store.is_file() and f"--datastore {store}" in done.stderr
+    done = run_cli("generate", "--prompt", "Repeat: The cat sat on the mat.", "--max-new-tokens", "12",
+                   "--drafter", "suffix", "--datastore", str(store), "--dtype", "float32")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() and "drafter suffix" in done.stderr
     for bad, fragment in ((empty, "is empty"), (binary, "binary"), (tmp_path / "missing.txt", "does not exist")):
         done = run_cli("index", str(bad), "-o", str(tmp_path / "x.npz"))
         assert done.returncode == 2 and fragment in done.stderr and "Traceback" not in done.stderr

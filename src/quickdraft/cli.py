@@ -51,10 +51,20 @@ def add_drafter_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drafter-option", action="append", default=[], metavar="KEY=VALUE",
                         help="option passed to the drafter (repeatable), e.g. model=PATH for --drafter draft")
     parser.add_argument("--draft-budget", type=int, default=None, help="draft tokens verified per step")
+    add_datastore_argument(parser)
+
+
+def add_datastore_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--datastore", metavar="STORE", default=None,
+                        help="a datastore built by `quickdraft index`, for the suffix and auto drafters "
+                             "(the same as --drafter-option datastore=STORE)")
 
 
 def _drafter_options(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(parse_option(item) for item in args.drafter_option)
+    options = dict(parse_option(item) for item in args.drafter_option)
+    if args.datastore:
+        options["datastore"] = args.datastore
+    return options
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -159,7 +169,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     stats = index_corpus(args.corpus, load_tokenizer(args.model), args.output)
     console.print(f"indexed {stats['files']} file(s) into {args.output}: "
                   + ", ".join(f"{k} {v}" for k, v in stats.items() if k != "files"))
-    console.print(f"use it with: --drafter suffix --drafter-option datastore={args.output}")
+    console.print(f"use it with: --drafter suffix --datastore {args.output}")
     return 0
 
 

@@ -51,6 +51,8 @@ def add_common_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``quickdraft bench``."""
+    from quickdraft.cli import add_datastore_argument
+
     add_common_model_arguments(parser)
     parser.add_argument("--dataset", metavar="PATH", default=None,
                         help="Spec-Bench-format JSONL (question_id, category, turns per line); "
@@ -70,6 +72,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drafter-option", metavar="[METHOD:]KEY=VALUE", action="append", default=[],
                         help="option for a drafter method (repeatable); without METHOD: for every drafter method. "
                              "VALUE is read as an int, a float or true/false where it is one, else as a string")
+    add_datastore_argument(parser)
     parser.add_argument("--warmup-tokens", type=int, default=None,
                         help="length of each method's untimed warm-up generation (default: --max-new-tokens)")
     parser.add_argument("--llamacpp-threads", type=int, default=None, help="threads for llamacpp (default: torch's)")
@@ -93,9 +96,11 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use a curve saved by profile --json instead of measuring (no model is loaded)")
 
 
-def parse_drafter_options(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+def parse_drafter_options(items: Sequence[str], methods: Sequence[str],
+                          datastore: str | None = None) -> dict[str, dict[str, Any]]:
     """``["ngram:n=3", "k=4"]`` -> per-method option dicts (an unscoped option goes to every drafter method);
-    values are read as by ``quickdraft generate --drafter-option`` (:func:`quickdraft.cli.option_value`)."""
+    values are read as by ``quickdraft generate --drafter-option`` (:func:`quickdraft.cli.option_value`).
+    ``datastore`` goes to every drafter method that takes one."""
     from quickdraft.bench.runners import BASELINE, PEERS
     from quickdraft.cli import option_value
 
@@ -115,7 +120,20 @@ def parse_drafter_options(items: Sequence[str], methods: Sequence[str]) -> dict[
                     f"--drafter-option {item!r} names {target!r}, which is not a drafter method in --methods"
                 )
             options[target][key] = option_value(raw)
+    if datastore:
+        _add_datastore(options, datastore)
     return {m: o for m, o in options.items() if o}
+
+
+def _add_datastore(options: dict[str, dict[str, Any]], datastore: str) -> None:
+    from quickdraft.bench.runners import parse_method
+    from quickdraft.drafters import drafter_class
+
+    takers = [m for m in options if "datastore" in drafter_class(parse_method(m)[0]).accepted_options()]
+    if not takers:
+        raise InvalidRequestError("--datastore is for the suffix and auto drafters; add one of them to --methods")
+    for method in takers:
+        options[method]["datastore"] = datastore
 
 
 def _error(message: str) -> int:
@@ -152,7 +170,7 @@ def _bench(args: argparse.Namespace) -> int:
     questions = load_questions(args.dataset, args.per_category)
     methods = split_methods(args.methods)
     check_methods(methods, draft_model=args.draft_model)
-    options = parse_drafter_options(args.drafter_option, methods)
+    options = parse_drafter_options(args.drafter_option, methods, args.datastore)
     for method, method_options in options.items():
         check_drafter_options(parse_method(method)[0], method_options)
 

@@ -50,7 +50,8 @@ class SuffixDrafter(Drafter):
     - ``max_branches`` (4): most continuations of the match proposed (primary path included).
     - ``branch_depth`` (4): longest side branch, in tokens.
     - ``min_match`` (1): shortest match (in tokens) worth drafting from.
-    - ``datastore`` (None): path of a datastore ``.npz`` built by :func:`index_corpus` / ``quickdraft index``.
+    - ``datastore`` (None): path of a datastore ``.npz`` built by :func:`index_corpus` / ``quickdraft index``,
+      or a loaded one (the server loads it once and gives it to the drafter of every batch slot).
     """
 
     def __init__(
@@ -59,13 +60,13 @@ class SuffixDrafter(Drafter):
         max_branches: int = 4,
         branch_depth: int = 4,
         min_match: int = 1,
-        datastore: str | None = None,
+        datastore: str | StaticAutomaton | None = None,
     ) -> None:
         self.max_depth = _positive("max_depth", max_depth)
         self.max_branches = _positive("max_branches", max_branches)
         self.branch_depth = _positive("branch_depth", branch_depth)
         self.min_match = _positive("min_match", min_match)
-        self.datastore: StaticAutomaton | None = load_datastore(datastore) if datastore else None
+        self.datastore = load_datastore(datastore) if isinstance(datastore, str) else datastore
         self._reset()
 
     def _reset(self) -> None:

@@ -128,8 +128,13 @@ def _default_name(path: str) -> str:
 
 
 def _shared_drafter_options(options: dict[str, Any], engine: Any) -> dict[str, Any]:
-    """A draft model given as a path (``--drafter-option model=PATH``) is loaded once here and shared by the
-    drafter of every batch slot, instead of once per slot."""
+    """A draft model or a datastore given as a path (``--drafter-option model=PATH``, ``--datastore STORE``) is
+    loaded once here and shared by the drafter of every batch slot, instead of once per slot."""
+    datastore = options.get("datastore")
+    if isinstance(datastore, str):
+        from quickdraft.drafters.datastore import load_datastore
+
+        options["datastore"] = load_datastore(datastore)
     model = options.get("model")
     if isinstance(model, str):
         from quickdraft.models.loading import load_model
