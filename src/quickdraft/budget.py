@@ -14,11 +14,8 @@ text as it changes (a copied passage, then free prose), shrunk toward what the o
 each mean is raised by an optimism bonus ``exploration * sqrt(log(W) / w(n))``, where ``w(n)`` is the
 discounted weight of budget ``n``'s observations and ``W`` their sum over all budgets (discounted UCB,
 Garivier and Moulines 2011). A budget that did badly early in a reply is thus tried again once its weight has
-decayed, instead of being written off for the rest of the reply. Where even the best optimistic score is below
-plain decoding's (``1 / c(1) = 1``; on hardware where a second row costs much, such as a CPU computing bfloat16
-without native support), the step drafts nothing, except every :data:`PAUSE_PROBE`-th step in a row, so that
-speculation that cannot pay does not slow decoding down. The policy is deterministic: a request reproduces
-exactly.
+decayed, instead of being written off for the rest of the reply. The policy is deterministic: a request
+reproduces exactly.
 
 A step also tells what smaller budgets would have done (**counterfactual acceptance**): the verified tree cut
 to its first ``n`` nodes is what the drafter proposes with ``n`` nodes when it lists its best nodes first (a
@@ -56,9 +53,6 @@ PRIOR_WEIGHT = 1.0
 #: Per-node acceptance rate assumed before any observation: optimistic, so the first step at an evidence level
 #: verifies a large tree (as large as the cost curve makes worth it), whose cuts then inform every smaller budget.
 PRIOR_RATE = 0.8
-#: When no budget is expected to beat plain decoding, the policy drafts nothing, except on every PAUSE_PROBE-th
-#: step in a row, which drafts with the best budget so that the estimates follow a text that turns predictable.
-PAUSE_PROBE = 8
 
 
 @dataclass(frozen=True)
@@ -116,12 +110,10 @@ class BudgetPolicy:
         self.exploration = exploration
         self.weight: dict[int, float] = {}
         self.accepted_sum: dict[int, float] = {}
-        self.paused_steps = 0
 
     def choose(self, limit: int | None = None) -> int:
         """The budget for the next step, at most ``limit``: the best score when each estimate is raised by
-        its optimism bonus; or 0 (no draft) when even that score is below plain decoding's, ``1 / c(1) = 1``,
-        except on every :data:`PAUSE_PROBE`-th such step in a row."""
+        its optimism bonus."""
         arms = [n for n in self.ladder if limit is None or n <= limit] or [min(self.ladder)]
         estimates = self.estimates()
         total = sum(self.weight.values())
@@ -129,12 +121,7 @@ class BudgetPolicy:
         def optimistic_score(budget: int) -> float:
             return (1.0 + estimates[budget] + self.bonus(budget, total)) / self.curve(budget + 1)
 
-        best = max(arms, key=optimistic_score)
-        if optimistic_score(best) < 1.0 and self.paused_steps + 1 < PAUSE_PROBE:
-            self.paused_steps += 1
-            return 0
-        self.paused_steps = 0
-        return best
+        return max(arms, key=optimistic_score)
 
     def bonus(self, budget: int, total: float) -> float:
         """The exploration bonus given ``total``, the summed weight of all observations: large for a budget
