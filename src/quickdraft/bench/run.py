@@ -74,7 +74,8 @@ def run_bench(
         conversation = EngineConversation(engine)
     if gap_fn is None and engine is not None:
         gap_fn = engine_gap_fn(engine)
-
+    # The source revision is read before measuring: the code that runs is the code loaded at the start.
+    full_settings: dict[str, Any] = engine_settings(engine) if engine is not None else {}
     run = run_loop(
         questions,
         runners,
@@ -84,7 +85,6 @@ def run_bench(
         warmup_tokens=warmup_tokens,
         on_generation=on_generation,
     )
-    full_settings: dict[str, Any] = engine_settings(engine) if engine is not None else {}
     full_settings.update(
         max_new_tokens=max_new_tokens,
         temperature=params.temperature,
