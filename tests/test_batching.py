@@ -249,6 +249,14 @@ class OutOfVocabularyDrafter(SlowCountingDrafter):
         return DraftTree.chain([10**6])
 
 
+@register("test-raising")
+class RaisingDrafter(SlowCountingDrafter):
+    """Raises on its first proposal."""
+
+    def propose(self, ctx, budget):
+        raise RuntimeError("drafter bug")
+
+
 class StateAtFinish(Collector):
     """Also records the scheduler's active rows and the drafters' end count when the Finished or Failed event
     arrives."""
@@ -306,6 +314,19 @@ def test_a_failed_step_frees_the_slot_and_ends_the_drafter_before_the_error_is_s
         assert isinstance(failing.final, Failed) and failing.final.code == "internal_error"
         assert failing.seen == (0, ended + 1)
         assert scheduler.stats.failed == 1
+    finally:
+        scheduler.close()
+
+
+def test_a_drafter_that_raises_is_ended_and_not_reused_and_the_request_stays_lossless():
+    engine = tiny_engine("llama")
+    scheduler = BatchScheduler(engine, "test-raising", max_batch=2, cost_curve=CostCurve.flat()).start()
+    try:
+        ended = RaisingDrafter.ended
+        [got] = serve_all(scheduler, [PROMPTS[0]], [12])
+        assert got.tokens == engine.generate_ids(PROMPTS[0], 12).token_ids
+        assert RaisingDrafter.ended == ended + 1
+        assert scheduler._pool == []
     finally:
         scheduler.close()
 

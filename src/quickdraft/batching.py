@@ -466,7 +466,7 @@ class BatchScheduler:
                     sequence.drafter.observe(sequence.ctx, StepOutcome(tree, result, logits, out.hidden))
                 except Exception:  # noqa: BLE001 - a drafter bug must not break lossless decoding
                     log.exception("drafter observe failed for request %d; it drafts no more", sequence.ticket)
-                    self._drop_drafter(sequence)
+                    self._release(sequence, reuse=False)
             committed += self._commit(sequence, result.tokens)
         if self.on_step is not None:
             rows = len(sequences) * (1 + max(t.size for t in trees))
@@ -500,7 +500,7 @@ class BatchScheduler:
             return sequence.drafter.propose(sequence.ctx, budget).truncated(budget)
         except Exception:  # noqa: BLE001 - a drafter bug must not break lossless decoding
             log.exception("drafter propose failed for request %d; it drafts no more", sequence.ticket)
-            self._drop_drafter(sequence)
+            self._release(sequence, reuse=False)
             return DraftTree.empty()
 
     def _commit(self, sequence: _Sequence, tokens: list[int]) -> int:
@@ -565,17 +565,19 @@ class BatchScheduler:
         if self.policy is not None:
             self.policy.finished(sequence.estimate)
 
-    def _release(self, sequence: _Sequence) -> None:
-        if sequence.drafter is not None:
-            drafter, sequence.drafter = sequence.drafter, None
-            try:
-                drafter.end()
-                self._pool.append(drafter)
-            except Exception:  # noqa: BLE001 - a drafter that cannot end is not reused
-                log.exception("drafter end failed; discarding it")
-
-    def _drop_drafter(self, sequence: _Sequence) -> None:
-        self._release(sequence)
+    def _release(self, sequence: _Sequence, reuse: bool = True) -> None:
+        """End the sequence's drafter and pool it for a later request, unless ``reuse`` is False (it raised:
+        its state may be broken) or it cannot end."""
+        if sequence.drafter is None:
+            return
+        drafter, sequence.drafter = sequence.drafter, None
+        try:
+            drafter.end()
+        except Exception:  # noqa: BLE001 - a drafter that cannot end is not reused
+            log.exception("drafter end failed; discarding it")
+            return
+        if reuse:
+            self._pool.append(drafter)
 
     def _take_drafter(self) -> Drafter | None:
         if self.drafter_name == "none":
