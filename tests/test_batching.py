@@ -257,6 +257,14 @@ class RaisingDrafter(SlowCountingDrafter):
         raise RuntimeError("drafter bug")
 
 
+@register("test-raising-at-begin")
+class RaisingAtBeginDrafter(SlowCountingDrafter):
+    """Raises when a request begins."""
+
+    def begin(self, ctx):
+        raise RuntimeError("drafter bug")
+
+
 class StateAtFinish(Collector):
     """Also records the scheduler's active rows and the drafters' end count when the Finished or Failed event
     arrives."""
@@ -327,6 +335,17 @@ def test_a_drafter_that_raises_is_ended_and_not_reused_and_the_request_stays_los
         assert got.tokens == engine.generate_ids(PROMPTS[0], 12).token_ids
         assert RaisingDrafter.ended == ended + 1
         assert scheduler._pool == []
+    finally:
+        scheduler.close()
+
+
+def test_a_drafter_that_raises_at_begin_fails_the_request_alone_and_is_not_reused():
+    engine = tiny_engine("llama")
+    scheduler = BatchScheduler(engine, "test-raising-at-begin", max_batch=2, cost_curve=CostCurve.flat()).start()
+    try:
+        [failed] = serve_all(scheduler, [PROMPTS[0]], [12])
+        assert isinstance(failed.final, Failed) and "prefill failed" in failed.final.message
+        assert scheduler._pool == [] and scheduler.active == 0
     finally:
         scheduler.close()
 

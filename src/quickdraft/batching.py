@@ -413,6 +413,7 @@ class BatchScheduler:
                 first = choose(logits, sequence.request.params, sequence.generator)
             except Exception as error:  # noqa: BLE001 - fail this request, keep serving
                 log.exception("prefill failed for request %d", sequence.ticket)
+                self._release(sequence, reuse=False)  # the error may be the drafter's own begin()
                 self._fail(sequence, f"prefill failed: {error}", 500, "internal_error")
                 continue
             sequence.stats.prefill_seconds = time.perf_counter() - started
