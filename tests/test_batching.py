@@ -3,6 +3,7 @@ and every request served in a batch gets exactly what plain decoding gives it.""
 
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -311,10 +312,18 @@ def test_cancel_frees_the_slot_and_ends_the_drafter_at_once():
         scheduler.close()
 
 
-def test_a_failed_step_frees_the_slot_and_ends_the_drafter_before_the_error_is_sent():
-    engine = tiny_engine("llama")
-    scheduler = BatchScheduler(engine, "test-out-of-vocabulary", max_batch=2, cost_curve=CostCurve.flat()).start()
+@contextmanager
+def running_scheduler(drafter: str):
+    """A started two-slot scheduler on the tiny llama engine with ``drafter``, closed afterwards."""
+    scheduler = BatchScheduler(tiny_engine("llama"), drafter, max_batch=2, cost_curve=CostCurve.flat()).start()
     try:
+        yield scheduler
+    finally:
+        scheduler.close()
+
+
+def test_a_failed_step_frees_the_slot_and_ends_the_drafter_before_the_error_is_sent():
+    with running_scheduler("test-out-of-vocabulary") as scheduler:
         ended = OutOfVocabularyDrafter.ended
         failing = StateAtFinish(scheduler, OutOfVocabularyDrafter)
         scheduler.submit(ServeRequest(PROMPTS[0], 20, SamplingParams(), [], failing))
@@ -322,32 +331,22 @@ def test_a_failed_step_frees_the_slot_and_ends_the_drafter_before_the_error_is_s
         assert isinstance(failing.final, Failed) and failing.final.code == "internal_error"
         assert failing.seen == (0, ended + 1)
         assert scheduler.stats.failed == 1
-    finally:
-        scheduler.close()
 
 
 def test_a_drafter_that_raises_is_ended_and_not_reused_and_the_request_stays_lossless():
-    engine = tiny_engine("llama")
-    scheduler = BatchScheduler(engine, "test-raising", max_batch=2, cost_curve=CostCurve.flat()).start()
-    try:
+    with running_scheduler("test-raising") as scheduler:
         ended = RaisingDrafter.ended
         [got] = serve_all(scheduler, [PROMPTS[0]], [12])
-        assert got.tokens == engine.generate_ids(PROMPTS[0], 12).token_ids
+        assert got.tokens == tiny_engine("llama").generate_ids(PROMPTS[0], 12).token_ids
         assert RaisingDrafter.ended == ended + 1
         assert scheduler._pool == []
-    finally:
-        scheduler.close()
 
 
 def test_a_drafter_that_raises_at_begin_fails_the_request_alone_and_is_not_reused():
-    engine = tiny_engine("llama")
-    scheduler = BatchScheduler(engine, "test-raising-at-begin", max_batch=2, cost_curve=CostCurve.flat()).start()
-    try:
+    with running_scheduler("test-raising-at-begin") as scheduler:
         [failed] = serve_all(scheduler, [PROMPTS[0]], [12])
         assert isinstance(failed.final, Failed) and "prefill failed" in failed.final.message
         assert scheduler._pool == [] and scheduler.active == 0
-    finally:
-        scheduler.close()
 
 
 def test_transformers_fallback_is_served_one_request_at_a_time():
