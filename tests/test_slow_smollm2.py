@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from quickdraft.drafters import available_drafters
 from quickdraft.models.loading import cpu_has_native_bf16, load_model
@@ -35,12 +36,34 @@ def test_native_forward_matches_transformers_on_smollm2(smollm2_fp32):
     assert (out.logits - expected[-4:]).abs().max() < 2e-4
 
 
+def attention_rows_are_independent(dtype: torch.dtype, rows: int = 60, keys: int = 320) -> bool:
+    """Whether this CPU's attention kernel gives a query row the same bits whatever the number of query rows
+    in the call (up to ``rows``, a lone row computed as two equal rows, as the native forward does). True on
+    the AMX Xeon where it was measured; on a 2-core AVX2 EPYC, float32 rows differ from 3 rows on."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 3, n, 64, generator=generator).to(dtype) for n in (rows, keys, keys))
+    mask = torch.zeros(1, 1, rows, keys, dtype=dtype)
+
+    def first_row(count: int) -> torch.Tensor:
+        if count == 1:
+            part, part_mask = q[:, :, :1].repeat(1, 1, 2, 1), mask[:, :, :1].repeat(1, 1, 2, 1)
+        else:
+            part, part_mask = q[:, :, :count], mask[:, :, :count]
+        return F.scaled_dot_product_attention(part, k, v, attn_mask=part_mask)[:, :, 0]
+
+    alone = first_row(1)
+    return all(torch.equal(first_row(count), alone) for count in range(2, rows + 1))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_verification_rows_equal_one_token_decoding_bit_for_bit(smollm2_fp32, dtype):
     """The native forward is row-exact (quickdraft.models.native): a 40-token chain, and the first-child path
     of a breadth-first tree with decoy siblings, give the logits one-token decoding gives, bit for bit."""
     if dtype == "bfloat16" and not cpu_has_native_bf16():
         pytest.skip("bfloat16 is row-exact only where the CPU computes it natively (prepacked linears)")
+    if not attention_rows_are_independent(getattr(torch, dtype)):
+        pytest.skip(f"this CPU's {dtype} attention kernel sums a query row in another order when the call has "
+                    "more rows, so verification rows differ from one-token decoding in the last bits")
     model = smollm2_fp32.loaded.target if dtype == "float32" else load_model(dtype=dtype).target
     ids = smollm2_fp32.encode_prompt(PROMPTS[1])
     session = model.new_session(len(ids) + 96)
@@ -63,7 +86,7 @@ def test_verification_rows_equal_one_token_decoding_bit_for_bit(smollm2_fp32, dt
                 assert torch.equal(out.logits[row], step_logits[first + depth]), (first, tree.size, depth)
 
 
-@pytest.mark.parametrize("drafter", [d for d in available_drafters() if d not in NEEDS_OTHER_MODEL])
+@pytest.mark.parametrize("drafter", [d for d in available_drafters() if d not in NEEDS_OTHER_MODEL and not d.startswith("test-")])
 def test_greedy_identity_on_real_prompts(smollm2_fp32, drafter):
     speculative = smollm2_fp32.with_drafter(drafter)
     for prompt in PROMPTS:
