@@ -359,3 +359,142 @@ def test_transformers_fallback_is_served_one_request_at_a_time():
         assert [c.tokens for c in got] == expected
     finally:
         scheduler.close()
+
+
+# ---------------------------------------------------------------------- shutdown, fallback and limit faults
+
+
+class DelayedSubmits:
+    """Wraps a scheduler's inbox so that each submit is queued late: a caller preempted between
+    :meth:`BatchScheduler.submit`'s checks and its put, while the scheduler closes."""
+
+    def __init__(self, inbox, delay: float) -> None:
+        self.inbox = inbox
+        self.delay = delay
+
+    def put(self, command) -> None:
+        if command[0] == "submit":
+            time.sleep(self.delay)
+        self.inbox.put(command)
+
+    def __getattr__(self, name):
+        return getattr(self.inbox, name)
+
+
+def test_a_request_submitted_while_the_scheduler_closes_is_answered_or_refused():
+    from quickdraft.batching import SchedulerBusy
+
+    scheduler = BatchScheduler(tiny_engine("llama"), None, max_batch=1).start()
+    scheduler._inbox = DelayedSubmits(scheduler._inbox, 0.5)
+    collector = Collector()
+    refused = []
+
+    def submit() -> None:
+        try:
+            scheduler.submit(ServeRequest(PROMPTS[0], 5, SamplingParams(), [], collector))
+        except SchedulerBusy as error:
+            refused.append(error)
+
+    submitter = threading.Thread(target=submit)
+    submitter.start()
+    time.sleep(0.1)  # the submit has passed its checks and is queueing
+    scheduler.close()
+    submitter.join(10)
+    assert refused or collector.done.wait(5), "a request accepted while the scheduler closed was never answered"
+    if not refused:
+        assert isinstance(collector.final, Failed) and collector.final.status == 503
+
+
+def test_a_submit_after_close_is_refused_with_a_clear_error():
+    from quickdraft.batching import SchedulerClosed
+
+    scheduler = BatchScheduler(tiny_engine("llama"), None, max_batch=1).start()
+    scheduler.close()
+    with pytest.raises(SchedulerClosed, match="not running"):
+        scheduler.submit(ServeRequest(PROMPTS[0], 5))
+
+
+def test_a_fallback_request_whose_start_raises_fails_alone_and_the_scheduler_keeps_serving():
+    engine = tiny_engine("llama", native=False)
+    scheduler = BatchScheduler(engine, None, max_batch=2).start()
+    try:
+        start = scheduler._plain.start
+        calls = []
+
+        def failing_start(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("start failed")
+            return start(*args, **kwargs)
+
+        scheduler._plain.start = failing_start
+        [bad] = serve_all(scheduler, [PROMPTS[0]], [5])
+        assert isinstance(bad.final, Failed) and bad.final.status == 500 and "start failed" in bad.final.message
+        assert scheduler.running
+        [good] = serve_all(scheduler, [PROMPTS[1]], [6])
+        assert good.tokens == engine.generate_ids(PROMPTS[1], 6).token_ids
+        assert scheduler.stats.failed == 1 and scheduler.active == 0
+    finally:
+        scheduler.close()
+
+
+def test_a_fallback_request_cut_off_by_shutdown_is_an_error_not_a_completion():
+    engine = tiny_engine("llama", native=False)
+    engine.eos_token_ids = frozenset()
+    scheduler = BatchScheduler(engine, "test-slow-counting", max_batch=2).start()
+    collector = Collector()
+    scheduler.submit(ServeRequest(PROMPTS[0], 400, SamplingParams(), [], collector))
+    deadline = time.monotonic() + 10
+    while not collector.tokens and time.monotonic() < deadline:
+        time.sleep(0.01)
+    scheduler.close()
+    assert collector.done.wait(5)
+    assert isinstance(collector.final, Failed), f"cut off after {len(collector.tokens)} of 400 tokens, " \
+                                                 f"reported as {collector.final}"
+    assert collector.final.status == 503 and collector.final.code == "shutting_down"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_max_new_tokens_below_one_is_refused_like_the_engine(native):
+    from quickdraft.errors import InvalidRequestError
+
+    with _short_context_scheduler(native) as scheduler:
+        for bad in (0, -1, True, 2.5):
+            with pytest.raises(InvalidRequestError, match=f"max_new_tokens must be an integer >= 1, got {bad!r}"):
+                scheduler.submit(ServeRequest(PROMPTS[0], bad, sink=Collector()))
+        assert scheduler.stats.failed == 0 and scheduler.queue_depth == 0 and scheduler.running
+        [got] = serve_all(scheduler, [PROMPTS[0]], [None])
+        assert isinstance(got.final, Finished) and got.final.completion_tokens <= 8
+
+
+@contextmanager
+def _short_context_scheduler(native: bool):
+    """A one-slot scheduler (batched, or the transformers fallback) with room for 8 new tokens after PROMPTS[0]."""
+    scheduler = BatchScheduler(tiny_engine("llama", native=native), None, max_batch=1,
+                               max_seq_len=len(PROMPTS[0]) + 8).start()
+    try:
+        yield scheduler
+    finally:
+        scheduler.close()
+
+
+def test_max_new_tokens_over_the_context_fails_when_the_request_asks_not_to_be_clamped():
+    engine = tiny_engine("llama")
+    scheduler = BatchScheduler(engine, None, max_batch=2, max_seq_len=64).start()
+    try:
+        collectors = []
+        for prompt, length, fit in ([[1, 2, 3] * 20, 100, False], [[1, 2, 3] * 20, 4, False],
+                                    [[1, 2, 3] * 20, 100, True]):
+            collector = Collector()
+            scheduler.submit(ServeRequest(prompt, length, SamplingParams(), [], collector, fit_to_context=fit))
+            collectors.append(collector)
+        assert all(c.done.wait(60) for c in collectors)
+        refused, fits, clamped = collectors
+        assert isinstance(refused.final, Failed) and refused.final.code == "context_length_exceeded"
+        assert refused.final.message.startswith(
+            "This model's maximum context length is 64 tokens. However, you requested 160 tokens (60 in the "
+            "prompt, 100 in the completion).")
+        assert isinstance(fits.final, Finished) and isinstance(clamped.final, Finished)
+        assert clamped.events[0].max_new_tokens == 4
+    finally:
+        scheduler.close()

@@ -27,6 +27,11 @@ built per request.
 
 Targets without tree verification (the transformers fallback) are served one request at a time through the
 plain :class:`~quickdraft.engine.Engine` loop, with the same events.
+
+Every submitted request ends with exactly one :class:`Finished` or :class:`Failed` event (none after a
+cancel): a request that :meth:`~BatchScheduler.close` cuts off, running or waiting, fails with status 503
+(``shutting_down``); it is never reported as finished. Once the scheduler is closing, :meth:`~BatchScheduler.submit`
+raises :class:`SchedulerClosed`.
 """
 
 from __future__ import annotations
@@ -39,17 +44,20 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from quickdraft.batch_budget import AcceptanceEstimate, BatchBudgetPolicy, measure_batch_curve
 from quickdraft.budget import CostCurve
 from quickdraft.drafters import DraftContext, Drafter, DrafterSetup, StepOutcome, create_drafter
-from quickdraft.engine import Engine, OutputTracker, check_drafter
+from quickdraft.engine import Engine, OutputTracker, check_drafter, check_max_new_tokens
 from quickdraft.errors import InvalidRequestError, QuickdraftError
 from quickdraft.models.native import NativeCausalLM, NativeSession, verify_batch
 from quickdraft.sampling import choose, make_generator
-from quickdraft.types import DraftTree, GenerationStats, SamplingParams
+from quickdraft.types import DraftTree, GenerationResult, GenerationStats, SamplingParams
 from quickdraft.verify import verify_sampling
+
+if TYPE_CHECKING:
+    from quickdraft.engine import _Run
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +68,24 @@ DEFAULT_MAX_DRAFT = 16
 PROBE_EVERY = 8
 PROBE_BUDGET = 2
 PROBE_UNTIL = 6
+#: The error of a request that the scheduler's shutdown cut off.
+SHUTDOWN_MESSAGE = "the server is shutting down and did not complete this request; send it again later"
 
 
 @dataclass
 class ServeRequest:
     """A request for the scheduler. ``prompt`` is raw text (tokenized as is: no chat template), chat messages
-    (the model's chat template is applied) or token ids. ``max_new_tokens`` None: up to the context."""
+    (the model's chat template is applied) or token ids. ``max_new_tokens``: an integer >= 1, or None for up to
+    the context. ``fit_to_context``: a ``max_new_tokens`` that does not fit after the prompt is clamped to the
+    room left (as the engine does); False: the request fails with ``context_length_exceeded`` instead (as the
+    OpenAI API does)."""
 
     prompt: str | list[dict[str, Any]] | list[int]
     max_new_tokens: int | None
     params: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     sink: Callable[[Event], None] = lambda event: None
+    fit_to_context: bool = True
 
 
 @dataclass
@@ -112,6 +126,14 @@ Event = Union[Admitted, Delta, Finished, Failed]
 
 class SchedulerBusy(QuickdraftError):
     """Too many requests are waiting; try again later."""
+
+
+class SchedulerClosed(SchedulerBusy):
+    """The scheduler is not running (not started, closing or closed, or stopped by an error)."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """The prompt, or the prompt and the completion asked for, do not fit in the context."""
 
 
 @dataclass
@@ -236,6 +258,7 @@ class BatchScheduler:
         self._steps = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._submitting = threading.Lock()  # a submit's check and put vs. the shutdown's last drain
         self._ready = threading.Event()
         self.error: BaseException | None = None
 
@@ -252,20 +275,28 @@ class BatchScheduler:
         return self
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the thread; requests still running or waiting get a :class:`Failed` event."""
+        """Stop the thread; requests still running or waiting get a :class:`Failed` event (503). Waits up to
+        ``timeout`` seconds for the thread; the scheduler counts as stopped afterwards either way."""
         if self._thread is not None:
             self._inbox.put(("stop",))
             self._thread.join(timeout)
             self._thread = None
 
     def submit(self, request: ServeRequest) -> int:
-        """Queue ``request``; returns its ticket (for :meth:`cancel`). Events arrive through its sink."""
-        if self._stopping or not self.running:
-            raise SchedulerBusy("the scheduler is not running")
-        if self.queue_depth >= self.max_waiting:
-            raise SchedulerBusy(f"{self.queue_depth} requests are already waiting; try again later")
-        ticket = next(self._tickets)
-        self._inbox.put(("submit", ticket, request))
+        """Queue ``request``; returns its ticket (for :meth:`cancel`). Events arrive through its sink, and the
+        last one is always a :class:`Finished` or a :class:`Failed`. Raises :class:`InvalidRequestError` for a
+        ``max_new_tokens`` below 1, :class:`SchedulerClosed` once the scheduler is not running and
+        :class:`SchedulerBusy` when too many requests wait."""
+        if request.max_new_tokens is not None:
+            check_max_new_tokens(request.max_new_tokens)
+        with self._submitting:  # the shutdown drains the inbox after taking this lock: nothing is put after
+            if self._stopping or not self.running:
+                raise SchedulerClosed("the scheduler is not running (it was closed or stopped by an error); "
+                                      "no new requests are accepted")
+            if self.queue_depth >= self.max_waiting:
+                raise SchedulerBusy(f"{self.queue_depth} requests are already waiting; try again later")
+            ticket = next(self._tickets)
+            self._inbox.put(("submit", ticket, request))
         return ticket
 
     def cancel(self, ticket: int) -> None:
@@ -344,36 +375,48 @@ class BatchScheduler:
         """Tokenize and validate; send Admitted or Failed."""
         try:
             prompt_ids = self._encode(request.prompt)
-            if not prompt_ids:
-                raise InvalidRequestError("the prompt is empty; pass at least one token")
-            if len(prompt_ids) >= self.max_seq_len:
-                _safe_emit(request, Failed(
-                    f"This model's maximum context length is {self.max_seq_len} tokens, but the prompt has "
-                    f"{len(prompt_ids)} tokens; shorten it so that at least one new token fits.",
-                    400, "context_length_exceeded"))
-                self.stats.failed += 1
-                return None
+            limit = self._limit(request, prompt_ids)
         except QuickdraftError as error:
-            self.stats.failed += 1
-            _safe_emit(request, Failed(str(error), 400, None))
-            return None
+            code = "context_length_exceeded" if isinstance(error, ContextLengthError) else None
+            return self._refuse(request, Failed(str(error), 400, code))
         except Exception as error:  # noqa: BLE001 - a tokenizer or template failure answers this request only
             log.exception("could not tokenize request %d", ticket)
-            self.stats.failed += 1
-            _safe_emit(request, Failed(f"could not tokenize the prompt: {error}", 400, None))
-            return None
-        room = self.max_seq_len - len(prompt_ids)
-        limit = room if request.max_new_tokens is None else min(request.max_new_tokens, room)
+            return self._refuse(request, Failed(f"could not tokenize the prompt: {error}", 400, None))
         output = OutputTracker(self.tokenizer, self.engine.eos_token_ids, limit, request.stop)
         sequence = _Sequence(ticket, request, prompt_ids, limit, output, self.drafter_name)
         if not sequence.emit(Admitted(len(prompt_ids), limit)):
             return None
         return sequence
 
+    def _refuse(self, request: ServeRequest, failure: Failed) -> None:
+        self.stats.failed += 1
+        _safe_emit(request, failure)
+
+    def _limit(self, request: ServeRequest, prompt_ids: list[int]) -> int:
+        """The tokens the request may generate: see :class:`ServeRequest` (``max_new_tokens``,
+        ``fit_to_context``)."""
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty; pass at least one token")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_seq_len} tokens, but the prompt has "
+                f"{len(prompt_ids)} tokens; shorten it so that at least one new token fits.")
+        room = self.max_seq_len - len(prompt_ids)
+        wanted = request.max_new_tokens
+        if wanted is None:
+            return room
+        if wanted > room and not request.fit_to_context:
+            where = "messages" if _is_messages(request.prompt) else "prompt"
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_seq_len} tokens. However, you requested "
+                f"{len(prompt_ids) + wanted} tokens ({len(prompt_ids)} in the {where}, {wanted} in the "
+                f"completion). Please reduce the length of the {where} or completion.")
+        return min(wanted, room)
+
     def _encode(self, prompt: str | list) -> list[int]:
         if isinstance(prompt, str):
             return list(self.tokenizer(prompt)["input_ids"])
-        if prompt and all(isinstance(m, dict) for m in prompt):
+        if _is_messages(prompt):
             return self.engine.encode_prompt(prompt)
         if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             vocab = self.target.vocab_size
@@ -595,34 +638,45 @@ class BatchScheduler:
     # -- one at a time through the engine (targets without tree verification)
 
     def _serve_plain(self, sequence: _Sequence) -> None:
+        """Serve one request through the engine loop. An error fails this request only; a request cut off by
+        the shutdown fails with 503."""
         self.stats.admitted += 1
         self.stats.prompt_tokens += len(sequence.prompt_ids)
         self._active.append(sequence)
         self.stats.active = 1
-        run = self._plain.start(sequence.prompt_ids, sequence.max_new_tokens, sequence.request.params,
-                                sequence.request.stop)
+        try:
+            run = self._plain.start(sequence.prompt_ids, sequence.max_new_tokens, sequence.request.params,
+                                    sequence.request.stop)
+            complete = self._stream_plain(sequence, run)
+        except Exception as error:  # noqa: BLE001 - fail this request, keep serving
+            log.exception("generation failed for request %d", sequence.ticket)
+            self._fail(sequence, f"generation failed: {error}", 500, "internal_error")
+            return
+        finally:
+            self._active.clear()
+            self.stats.active = 0
+        if sequence.cancelled:
+            self.stats.cancelled += 1
+        elif not complete:
+            self._fail(sequence, SHUTDOWN_MESSAGE, 503, "shutting_down")
+        else:
+            self._finish_plain(sequence, run.result())
+
+    def _stream_plain(self, sequence: _Sequence, run: _Run) -> bool:
+        """Send the run's chunks as they come; False if it was cut off (cancelled, or the scheduler stopping)."""
         chunks = run.chunks()
-        failure = None
         try:
             for chunk in chunks:
                 if chunk.text or chunk.token_ids:
                     sequence.emit(Delta(chunk.text, chunk.token_ids))
                 self._drain(block=False)  # new requests queue up; a cancel marks this one
                 if sequence.cancelled or self._stopping:
-                    break
-        except Exception as error:  # noqa: BLE001
-            log.exception("generation failed for request %d", sequence.ticket)
-            failure = f"generation failed: {error}"
+                    return False
+            return True
         finally:
             chunks.close()
-            self._active.clear()
-            self.stats.active = 0
-        if failure is not None:
-            self._fail(sequence, failure, 500, "internal_error")
-        if sequence.cancelled:
-            self.stats.cancelled += 0 if sequence.failed else 1
-            return
-        result = run.result()
+
+    def _finish_plain(self, sequence: _Sequence, result: GenerationResult) -> None:
         self.stats.finished += 1
         self.stats.completion_tokens += len(result.token_ids)
         self.stats.committed_tokens += result.stats.new_tokens
@@ -633,12 +687,18 @@ class BatchScheduler:
                                result.stats))
 
     def _shutdown(self) -> None:
-        self._stopping = True
+        """Refuse new submits, then fail every request still queued, waiting or running."""
+        with self._submitting:
+            self._stopping = True
         self._drain(block=False)
         for sequence in list(reversed(self._active)) + list(self._waiting):
-            self._fail(sequence, "the server is shutting down", 503, "shutting_down")
+            self._fail(sequence, SHUTDOWN_MESSAGE, 503, "shutting_down")
         self._waiting.clear()
         self._active.clear()
+
+
+def _is_messages(prompt: str | list) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
 
 
 def _safe_emit(request: ServeRequest, event: Event) -> None:
