@@ -5,7 +5,9 @@ OpenAI's error JSON with the right status, and the server keeps serving afterwar
 import asyncio
 import json
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -274,6 +276,15 @@ BAD_REQUESTS = [
     ("oversized-body", "/v1/completions", with_(GOOD, prompt="A" * (1 << 20)), None, 413, None, "request_too_large"),
     ("unknown-route", "/v1/embeddings", GOOD, None, 404, None, "not_found"),
     ("wrong-method", "/v1/completions", "GET", None, 405, None, "method_not_allowed"),
+    ("deeply-nested-json", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, None, 400, None, "invalid_json"),
+    ("deeply-nested-parameter", "/v1/completions",
+     b'{"model": "tiny-llama", "prompt": "AB", "logit_bias": ' + b"[" * 900 + b"]" * 900 + b"}", None, 400, None,
+     "invalid_json"),
+    ("max-tokens-over-context", "/v1/completions", with_(GOOD, prompt="A" * 500, max_tokens=13), None, 400,
+     "prompt", "context_length_exceeded"),
+    ("max-completion-tokens-over-context", "/v1/chat/completions",
+     with_(CHAT, messages=[{"role": "user", "content": "A" * 400}], max_completion_tokens=10**9), None, 400,
+     "messages", "context_length_exceeded"),
 ]
 
 
@@ -316,10 +327,31 @@ def test_oversized_chunked_body_is_refused(http):
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
 
 
-def test_huge_max_tokens_is_clamped_to_the_context(engine, client):
-    got = client.completions.create(model=MODEL, prompt="A" * 500, max_tokens=10**9, temperature=0)
-    assert got.usage.completion_tokens == 512 - 500
-    assert got.choices[0].finish_reason == "length"
+def test_max_tokens_over_the_context_is_a_400_naming_both_lengths(client):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model=MODEL, prompt="A" * 500, max_tokens=10**9, temperature=0)
+    error = raised.value.body
+    assert error["code"] == "context_length_exceeded"
+    assert error["message"] == ("This model's maximum context length is 512 tokens. However, you requested "
+                                "1000000500 tokens (500 in the prompt, 1000000000 in the completion). Please "
+                                "reduce the length of the prompt or completion.")
+    with pytest.raises(openai.BadRequestError, match=r"\(400 in the messages, 113 in the completion\)"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "A" * 382}],
+                                       max_tokens=113)
+    exact = client.completions.create(model=MODEL, prompt="A" * 500, max_tokens=12, temperature=0)
+    assert exact.usage.completion_tokens == 12 and exact.choices[0].finish_reason == "length"
+
+
+def test_omitted_max_tokens_fills_what_the_context_leaves(client):
+    """Without max_tokens, chat fills the rest of the context and completions' default of 16 shrinks to fit."""
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "A" * 482}],
+                                          temperature=0)
+    assert chat.usage.prompt_tokens == 500 and chat.usage.completion_tokens == 12
+    assert chat.choices[0].finish_reason == "length"
+    short = client.completions.create(model=MODEL, prompt="A" * 500, temperature=0)
+    assert short.usage.completion_tokens == 12
+    default = client.completions.create(model=MODEL, prompt="AB", temperature=0)
+    assert default.usage.completion_tokens == 16
 
 
 def test_unsupported_neutral_values_and_extensions_are_accepted(engine, http):
@@ -441,3 +473,97 @@ def test_a_datastore_path_is_loaded_once_and_shared_by_every_slot_drafter(tmp_pa
     first, second = create_drafter("suffix", setup), create_drafter("suffix", setup)
     auto = create_drafter("auto", setup)
     assert first.datastore is second.datastore is auto.sources[0].datastore is options["datastore"]
+
+
+# ---------------------------------------------------------------------- shutdown faults
+
+
+@register("test-stuck-server")
+class StuckDrafter(Drafter):
+    """Blocks in propose until released (at most 30 s): a scheduler stuck in a step."""
+
+    release = threading.Event()
+
+    def propose(self, ctx, budget):
+        type(self).release.wait(30)
+        return DraftTree.empty()
+
+
+def test_a_client_waiting_on_a_scheduler_closed_while_stuck_gets_503(engine):
+    StuckDrafter.release.clear()
+    try:
+        with start_server(engine, "test-stuck-server", model_name=MODEL, max_batch=1,
+                          cost_curve=CostCurve.flat()) as server, \
+                httpx.Client(base_url=server.url, timeout=10) as http, ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(http.post, "/v1/completions", json=with_(GOOD, max_tokens=20))
+            assert _wait_until(lambda: server.scheduler.active == 1)
+            server.scheduler.close(timeout=0.2)  # the step never ends: its thread is left behind
+            response = pending.result(timeout=10)
+    finally:
+        StuckDrafter.release.set()
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "shutting_down"
+
+
+FAULT_PROMPTS = ["ABCABCAB", "XYZXYZ", "HELLOHELLO", "QQQQ", "MNMNMNMN", "KLKLK"]
+FAULT_TOKENS = 40
+
+
+def _fault_engine(native: bool) -> Engine:
+    loaded = tiny_loaded("llama", native=native)
+    loaded.tokenizer = ChatCharTokenizer()
+    engine = Engine(loaded)
+    engine.eos_token_ids = frozenset()
+    return engine
+
+
+async def _outcome(client: httpx.AsyncClient, prompt: str, stream: bool) -> tuple[str, str]:
+    """``("complete", text)`` for an answer reported complete, ``("error", code)`` for an error."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": FAULT_TOKENS, "temperature": 0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        raw = (await response.aread()).decode()
+    if response.status_code != 200:
+        assert response.status_code == 503, raw
+        return "error", json.loads(raw)["error"]["code"]
+    if not stream:
+        reply = json.loads(raw)
+        assert reply["usage"]["completion_tokens"] == FAULT_TOKENS, f"truncated, reported complete: {reply}"
+        return "complete", reply["choices"][0]["text"]
+    events = [line[6:] for line in raw.split("\n\n") if line.startswith("data: ")]
+    assert events and events[-1] == "[DONE]", f"the stream ended without [DONE]: {raw[-200:]!r}"
+    chunks = [json.loads(event) for event in events[:-1]]
+    if "error" in chunks[-1]:
+        return "error", chunks[-1]["error"]["code"]
+    assert chunks[-1]["usage"]["completion_tokens"] == FAULT_TOKENS, f"truncated, reported complete: {chunks[-1]}"
+    return "complete", "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["batched", "transformers-fallback"])
+def test_closing_the_scheduler_under_load_answers_every_client_in_full_or_with_an_error(native):
+    engine = _fault_engine(native)
+    want = {p: plain(engine, engine.tokenizer(p)["input_ids"], FAULT_TOKENS).text for p in FAULT_PROMPTS}
+
+    async def load(server) -> list[tuple[str, str]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=20) as client:
+            clients = [asyncio.ensure_future(_outcome(client, p, i % 2 == 0)) for i, p in enumerate(FAULT_PROMPTS)]
+            deadline = time.monotonic() + 20
+            while server.scheduler.stats.finished < 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(server.scheduler.close)  # stop mid-load: some done, one running, some queued
+            outcomes = await asyncio.wait_for(asyncio.gather(*clients), timeout=30)
+            late = await client.post("/v1/completions", json=with_(GOOD, max_tokens=2))
+            assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+            return outcomes
+
+    with start_server(engine, "test-slow-server", model_name=MODEL, max_batch=2,
+                      cost_curve=CostCurve.flat()) as server:
+        outcomes = asyncio.run(load(server))
+    for prompt, (kind, value) in zip(FAULT_PROMPTS, outcomes):
+        if kind == "complete":
+            assert value == want[prompt]
+        else:
+            assert value == "shutting_down"
+    kinds = [kind for kind, _ in outcomes]
+    assert "complete" in kinds and "error" in kinds, kinds

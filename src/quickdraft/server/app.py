@@ -12,6 +12,10 @@ its batch slot, cache row and drafter.
 Every error is OpenAI's error JSON with the matching status: 400 invalid request, 401 missing or wrong API
 key (when the server has one; checked on every request, ``Authorization: Bearer KEY``), 404 unknown model or
 route, 405 wrong method, 413 body over the size limit, 503 overloaded or shutting down, 500 internal error.
+
+Every accepted request ends with an answer or an error: one the scheduler cuts off or never reaches (it was
+closed, or stopped) gets 503 ``shutting_down`` (mid-stream: an error event), never a truncated answer
+reported as complete.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import hmac
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -28,7 +33,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from quickdraft.batching import BatchScheduler, Delta, Failed, Finished, SchedulerBusy, ServeRequest
+from quickdraft.batching import (
+    SHUTDOWN_MESSAGE,
+    BatchScheduler,
+    Delta,
+    Event,
+    Failed,
+    Finished,
+    SchedulerBusy,
+    SchedulerClosed,
+    ServeRequest,
+)
 from quickdraft.server.metrics import ServerMetrics
 from quickdraft.server.protocol import (
     DONE,
@@ -47,6 +62,10 @@ log = logging.getLogger(__name__)
 
 #: Default request body limit.
 MAX_BODY_BYTES = 1 << 20
+#: Deepest nesting of arrays and objects accepted in a request body (OpenAI requests use about 5 levels).
+MAX_JSON_DEPTH = 64
+#: How often a request waiting for its next event checks that the scheduler still runs.
+LIVENESS_SECONDS = 0.5
 
 
 def create_app(scheduler: BatchScheduler, model_name: str, api_key: str | None = None,
@@ -160,13 +179,38 @@ async def _read_json(request: Request, limit: int) -> Any:
             raise APIError(413, f"The request body is larger than the limit of {limit} bytes.", None,
                            "request_too_large")
         chunks.append(part)
-    raw = b"".join(chunks)
+    return _parse_json(b"".join(chunks))
+
+
+def _parse_json(raw: bytes) -> Any:
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError as error:
+        raise _nested_too_deep() from error
     except (ValueError, UnicodeDecodeError) as error:
         raise APIError(400, "We could not parse the JSON body of your request. (HINT: This likely means you "
                             "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.) "
                             f"Parser error: {error}", None, "invalid_json") from error
+    if _nesting_exceeds(body, MAX_JSON_DEPTH):
+        raise _nested_too_deep()
+    return body
+
+
+def _nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether arrays and objects in ``value`` nest more than ``limit`` levels deep (without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _nested_too_deep() -> APIError:
+    return APIError(400, f"The JSON body of your request nests arrays or objects more than {MAX_JSON_DEPTH} "
+                         "levels deep; send a flatter body.", None, "invalid_json")
 
 
 def _reject_constant(name: str) -> Any:
@@ -174,16 +218,24 @@ def _reject_constant(name: str) -> Any:
 
 
 class _Events:
-    """A request's events from the scheduler thread, with the client's disconnect watched alongside."""
+    """A request's events from the scheduler thread, with the client's connection and the scheduler watched
+    alongside: each wait ends with an event, with None once the client has gone, or with a Failed (503) once the
+    scheduler has stopped without answering (closed while stuck in a step, or dead)."""
 
-    def __init__(self, request: Request) -> None:
-        self.queue: asyncio.Queue = asyncio.Queue()
+    def __init__(self, request: Request, scheduler_running: Callable[[], bool]) -> None:
+        self._events: deque[Event] = deque()
+        self._arrived = asyncio.Event()
         loop = asyncio.get_running_loop()
-        self.sink = lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        self.sink = lambda event: loop.call_soon_threadsafe(self._push, event)
+        self._scheduler_running = scheduler_running
         self._receive = request.receive
         self._watcher: asyncio.Task | None = None
         self.disconnected = False
         self.finished = False  # a Finished or Failed event arrived: nothing left to cancel
+
+    def _push(self, event: Event) -> None:
+        self._events.append(event)
+        self._arrived.set()
 
     async def _watch(self) -> None:
         while True:
@@ -191,23 +243,33 @@ class _Events:
             if message["type"] == "http.disconnect":
                 return
 
-    async def next(self) -> Any | None:
+    async def next(self) -> Event | None:
         """The next event, or None once the client has disconnected."""
         if self.disconnected:
             return None
-        if not self.queue.empty():
-            return self._seen(self.queue.get_nowait())
         if self._watcher is None:
             self._watcher = asyncio.ensure_future(self._watch())
-        getter = asyncio.ensure_future(self.queue.get())
-        done, _ = await asyncio.wait({getter, self._watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if getter in done:
-            return self._seen(getter.result())
-        getter.cancel()
-        self.disconnected = True
-        return None
+        while not self._events:
+            if not self._scheduler_running():
+                await asyncio.sleep(0)  # what the scheduler sent before it stopped is delivered first
+                if not self._events:
+                    self._push(Failed(SHUTDOWN_MESSAGE, 503, "shutting_down"))
+                break
+            if not await self._wait():
+                self.disconnected = True
+                return None
+        return self._seen(self._events.popleft())
 
-    def _seen(self, event: Any) -> Any:
+    async def _wait(self) -> bool:
+        """Wait up to LIVENESS_SECONDS for an event; False if the client disconnected instead."""
+        self._arrived.clear()
+        arrived = asyncio.ensure_future(self._arrived.wait())
+        done, _ = await asyncio.wait({arrived, self._watcher}, timeout=LIVENESS_SECONDS,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        arrived.cancel()
+        return bool(self._events) or self._watcher not in done
+
+    def _seen(self, event: Event) -> Event:
         if isinstance(event, (Finished, Failed)):
             self.finished = True
         return event
@@ -219,10 +281,13 @@ class _Events:
 
 async def _serve(request: Request, endpoint: str, parsed: ParsedRequest, scheduler: BatchScheduler,
                  metrics: ServerMetrics, started: float) -> Response:
-    events = _Events(request)
-    serve_request = ServeRequest(parsed.prompt, parsed.max_tokens, parsed.params, parsed.stop, events.sink)
+    events = _Events(request, lambda: scheduler.running)
+    serve_request = ServeRequest(parsed.prompt, parsed.max_tokens, parsed.params, parsed.stop, events.sink,
+                                 fit_to_context=not parsed.max_tokens_given)
     try:
         ticket = scheduler.submit(serve_request)
+    except SchedulerClosed as error:
+        raise APIError(503, f"The server is not accepting requests: {error}", None, "shutting_down") from error
     except SchedulerBusy as error:
         raise APIError(503, f"The server is overloaded: {error}", None, "overloaded") from error
 

@@ -6,8 +6,9 @@ and comes back in OpenAI's shape, ``{"error": {"message", "type", "param", "code
 Choices documented for clients:
 
 - ``max_tokens`` (``max_completion_tokens`` for chat) must be an integer >= 1; a value larger than what fits
-  in the context after the prompt is **clamped** to that room (as the engine does). Default: 16 for
-  completions (OpenAI's default), the rest of the context for chat.
+  in the context after the prompt is refused with 400 ``context_length_exceeded`` naming the context length
+  and the prompt's length (as OpenAI and vLLM do). Omitted: up to 16 tokens for completions (OpenAI's
+  default), the rest of the context for chat; an omitted limit never fails, it shrinks to the room left.
 - ``temperature`` in [0, 2] (default 1, 0 = greedy), ``top_p`` in (0, 1]; ``top_k`` and ``min_p`` are accepted
   as extensions. Sampling is lossless under speculation for every combination.
 - ``n`` must be 1; ``presence_penalty`` / ``frequency_penalty`` must be 0; ``logprobs``, ``tools``, ``echo``,
@@ -75,6 +76,7 @@ class ParsedRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    max_tokens_given: bool = False  # False: max_tokens is the default, which shrinks to fit the context
 
     @property
     def prompt_param(self) -> str:
@@ -135,8 +137,7 @@ def parse_completion(body: Any, served_models: set[str]) -> ParsedRequest:
     _check_parameters(body, COMPLETION_HANDLED, COMPLETION_NEUTRAL)
     model = _model(body, served_models)
     prompt = _completion_prompt(body)
-    max_tokens = _max_tokens(body, "max_tokens", DEFAULT_COMPLETION_TOKENS)
-    return _finish(body, False, model, prompt, max_tokens)
+    return _finish(body, False, model, prompt, _max_tokens(body, "max_tokens"), DEFAULT_COMPLETION_TOKENS)
 
 
 def parse_chat(body: Any, served_models: set[str]) -> ParsedRequest:
@@ -144,14 +145,13 @@ def parse_chat(body: Any, served_models: set[str]) -> ParsedRequest:
     _check_parameters(body, CHAT_HANDLED, CHAT_NEUTRAL)
     model = _model(body, served_models)
     messages = _messages(body)
-    if body.get("max_completion_tokens") is not None:
-        max_tokens = _max_tokens(body, "max_completion_tokens", None)
-    else:
-        max_tokens = _max_tokens(body, "max_tokens", None)
-    return _finish(body, True, model, messages, max_tokens)
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    return _finish(body, True, model, messages, _max_tokens(body, name), None)
 
 
-def _finish(body: dict, chat: bool, model: str, prompt: Any, max_tokens: int | None) -> ParsedRequest:
+def _finish(body: dict, chat: bool, model: str, prompt: Any, max_tokens: int | None,
+            default_max_tokens: int | None) -> ParsedRequest:
+    """The rest of the request; ``max_tokens`` None: not given, ``default_max_tokens`` applies."""
     params = _sampling(body)
     stop = _stop(body)
     n = body.get("n")
@@ -181,7 +181,9 @@ def _finish(body: dict, chat: bool, model: str, prompt: Any, max_tokens: int | N
         include_usage = options.get("include_usage") or False
         if not isinstance(include_usage, bool):
             raise _type_error("stream_options.include_usage", "a boolean", include_usage)
-    return ParsedRequest(chat, model, prompt, max_tokens, params, stop, stream, include_usage)
+    given = max_tokens is not None
+    return ParsedRequest(chat, model, prompt, max_tokens if given else default_max_tokens, params, stop, stream,
+                         include_usage, given)
 
 
 def _object(body: Any) -> dict:
@@ -276,10 +278,11 @@ def _content(content: Any, where: str) -> str:
     raise _type_error(where, "a string or an array of text parts", content)
 
 
-def _max_tokens(body: dict, name: str, default: int | None) -> int | None:
+def _max_tokens(body: dict, name: str) -> int | None:
+    """The limit the request gives, or None."""
     value = body.get(name)
     if value is None:
-        return default
+        return None
     if not _is_int(value):
         raise _type_error(name, "an integer", value)
     if value < 1:
