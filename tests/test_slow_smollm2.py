@@ -48,15 +48,44 @@ def attention_rows_are_independent(dtype: torch.dtype, rows: int = 60, keys: int
     return all(torch.equal(row, first_rows[0]) for row in first_rows[1:])
 
 
+#: Largest difference allowed between a verification row's logits and one-token decoding's where the CPU's
+#: kernels are not row-invariant. float32: they agree to 4 decimals on a 2-core AVX2 EPYC. bfloat16 without
+#: native support (linears through ``F.linear``): differences of about 0.5 in the final logits were measured
+#: on an AVX-512 EPYC (shared/FACTS.md). Greedy speculation can then take another token than plain decoding only
+#: where the top two logits are closer than twice this bound.
+ROW_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1.0}
+
+
+def rows_are_bit_exact_here(dtype: torch.dtype) -> bool:
+    """Whether this CPU's kernels promise row-exact verification in ``dtype`` (the README's guarantee):
+    attention rows independent of the call's row count, and in bfloat16 natively computed (prepacked)
+    linears."""
+    if dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        return False
+    return attention_rows_are_independent(dtype)
+
+
+def assert_row_matches_one_token_decoding(row: torch.Tensor, decoded: torch.Tensor, exact: bool,
+                                          dtype: torch.dtype, where: tuple) -> None:
+    """``row [V]`` of a verification forward against ``decoded [V]``, the logits one-token decoding gave at
+    the same position: bit for bit where the kernels are row-exact, otherwise within :data:`ROW_TOLERANCE`."""
+    if exact:
+        assert torch.equal(row, decoded), where
+        return
+    difference = float((row - decoded).abs().max())
+    assert difference < ROW_TOLERANCE[dtype], (where, difference)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_verification_rows_equal_one_token_decoding_bit_for_bit(smollm2_fp32, dtype):
-    """The native forward is row-exact (quickdraft.models.native): a 40-token chain, and the first-child path
-    of a breadth-first tree with decoy siblings, give the logits one-token decoding gives, bit for bit."""
-    if dtype == "bfloat16" and not cpu_has_native_bf16():
-        pytest.skip("bfloat16 is row-exact only where the CPU computes it natively (prepacked linears)")
-    if not attention_rows_are_independent(getattr(torch, dtype)):
-        pytest.skip(f"this CPU's {dtype} attention kernel sums a query row in another order when the call has "
-                    "more rows, so verification rows differ from one-token decoding in the last bits")
+def test_verification_rows_match_one_token_decoding(smollm2_fp32, dtype):
+    """The native forward is row-exact (quickdraft.models.native) where the CPU's kernels allow it: a 40-token
+    chain, and the first-child path of a breadth-first tree with decoy siblings, give the logits one-token
+    decoding gives, bit for bit. On CPUs whose kernels are not row-invariant (float32 attention on AVX2;
+    bfloat16 without native support) the rows must still agree within a stated tolerance (see
+    :func:`assert_row_matches_one_token_decoding`), and ``test_greedy_identity_on_real_prompts`` checks that
+    the answers of every drafter equal plain decoding's on every CPU."""
+    torch_dtype = getattr(torch, dtype)
+    exact = rows_are_bit_exact_here(torch_dtype)
     model = smollm2_fp32.loaded.target if dtype == "float32" else load_model(dtype=dtype).target
     ids = smollm2_fp32.encode_prompt(PROMPTS[1])
     session = model.new_session(len(ids) + 96)
@@ -76,7 +105,18 @@ def test_verification_rows_equal_one_token_decoding_bit_for_bit(smollm2_fp32, dt
             path = matched_path(tree, decoded[first:first + length])
             assert len(path) == length
             for depth, row in enumerate([0] + [node + 1 for node in path]):
-                assert torch.equal(out.logits[row], step_logits[first + depth]), (first, tree.size, depth)
+                assert_row_matches_one_token_decoding(out.logits[row], step_logits[first + depth], exact,
+                                                      torch_dtype, (first, tree.size, depth))
+
+
+def test_the_row_check_fails_for_rows_that_differ_more_than_promised():
+    """The row test's assertion has power in both of its modes."""
+    decoded = torch.tensor([0.0, 5.0, 4.99995, 1.0])
+    assert_row_matches_one_token_decoding(decoded + 1e-5, decoded, False, torch.float32, ())
+    for row, exact, dtype in ((decoded + 1e-5, True, torch.float32), (decoded + 0.01, False, torch.float32),
+                              (decoded + 2.0, False, torch.bfloat16)):
+        with pytest.raises(AssertionError):
+            assert_row_matches_one_token_decoding(row, decoded, exact, dtype, ())
 
 
 @pytest.mark.parametrize("drafter", [d for d in available_drafters() if d not in NEEDS_OTHER_MODEL and not d.startswith("test-")])
