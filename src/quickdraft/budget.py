@@ -36,6 +36,7 @@ instead of waiting for the average over weak ones to rise.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -64,6 +65,19 @@ class CostCurve:
 
     def __call__(self, rows: int) -> float:
         return float(np.interp(rows, self.rows, self.relative_cost))
+
+    def to_json(self) -> str:
+        """The curve as JSON, read back by :meth:`from_json`."""
+        return json.dumps({"rows": list(self.rows), "relative_cost": list(self.relative_cost)})
+
+    @classmethod
+    def from_json(cls, text: str) -> CostCurve:
+        """A curve written by :meth:`to_json`; ValueError if ``text`` is not one."""
+        data = json.loads(text)
+        rows, costs = tuple(int(r) for r in data["rows"]), tuple(float(c) for c in data["relative_cost"])
+        if not rows or len(rows) != len(costs):
+            raise ValueError(f"not a cost curve: {text[:200]!r}")
+        return cls(rows, costs)
 
     @classmethod
     def flat(cls) -> CostCurve:

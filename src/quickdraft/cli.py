@@ -1,4 +1,4 @@
-"""The ``quickdraft`` command: generate | demo | bench | profile | index | serve."""
+"""The ``quickdraft`` command: generate | demo | bench | profile | index | serve | cache."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_drafter_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--drafter", default="ngram", help="drafter name, or 'none' for plain decoding")
+    parser.add_argument("--drafter", default="auto",
+                        help="drafter name, or 'none' for plain decoding (default: auto, the best on most text)")
     parser.add_argument("--drafter-option", action="append", default=[], metavar="KEY=VALUE",
                         help="option passed to the drafter (repeatable), e.g. model=PATH for --drafter draft")
     parser.add_argument("--draft-budget", type=int, default=None, help="draft tokens verified per step")
@@ -112,19 +113,38 @@ DEMO_PROMPTS = [
 ]
 
 
+#: The demo's methods by default: plain decoding (``ar``, the reference) and the two best drafters.
+DEMO_METHODS = "ar,suffix,auto"
+
+
+def demo_engines(args: argparse.Namespace) -> dict[str, Any]:
+    """An engine per method of ``--methods`` on one loaded model: ``ar`` is plain decoding (always first, as
+    the reference), any other name is a drafter; ``--datastore`` goes to the drafters that take one."""
+    from quickdraft.drafters import check_drafter_options
+    from quickdraft.engine import Engine
+
+    names = dict.fromkeys(name.strip() for name in args.methods.split(",") if name.strip() not in ("", "ar"))
+    classes = {name: check_drafter_options(name, {}) for name in names}  # unknown names fail before loading
+    base = Engine.from_pretrained(args.model, None, args.dtype, args.device)
+    engines = {"ar": base}
+    for name, drafter_class in classes.items():
+        takes_store = args.datastore and "datastore" in drafter_class.accepted_options()
+        engines[name] = base.with_drafter(name, {"datastore": args.datastore} if takes_store else {},
+                                          args.draft_budget)
+    return engines
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Plain decoding vs speculative decoding on a few built-in prompts, side by side."""
     import torch
 
-    from quickdraft.engine import Engine
-
-    base = Engine.from_pretrained(args.model, None, args.dtype, args.device)
-    methods = {"ar": base, args.drafter: base.with_drafter(args.drafter, _drafter_options(args), args.draft_budget)}
+    methods = demo_engines(args)
+    base = methods["ar"]
     totals = {name: [0, 0.0, 0] for name in methods}
+    identical = {name: 0 for name in methods}
     warmup = base.encode_prompt("Say hello.")
-    for engine in methods.values():  # untimed: first-call costs (and the one-time cost-curve measurement)
+    for engine in methods.values():  # untimed: first-call costs (and the cost curve, once per machine)
         engine.generate_ids(warmup, 8)
-    identical = 0
     for prompt in DEMO_PROMPTS:
         ids = base.encode_prompt(prompt)
         outputs = {}
@@ -135,30 +155,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
             totals[name][1] += time.perf_counter() - started
             totals[name][2] += result.stats.target_forwards
             outputs[name] = result.token_ids
-        identical += outputs["ar"] == outputs[args.drafter]
-    _print_demo_table(totals, identical, len(DEMO_PROMPTS), str(base.dtype).replace("torch.", ""))
-    exact = base.dtype == torch.float32
-    if exact and identical < len(DEMO_PROMPTS):
+        for name in methods:
+            identical[name] += outputs[name] == outputs["ar"]
+    dtype = str(base.dtype).replace("torch.", "")
+    _print_demo_table(totals, identical, len(DEMO_PROMPTS), dtype)
+    all_identical = all(count == len(DEMO_PROMPTS) for count in identical.values())
+    if base.dtype == torch.float32 and not all_identical:
         console.print("[bold red]speculative output differs from plain decoding: please report this bug[/bold red]")
         return 1
-    if identical < len(DEMO_PROMPTS):
-        results.print(f"[dim]In {str(base.dtype).replace('torch.', '')} a forward over several tokens rounds "
+    if not all_identical:
+        results.print(f"[dim]In {dtype} a forward over several tokens rounds "
                       "differently from one-token forwards, so a near-tie between the top two tokens can go the "
                       "other way; --dtype float32 is exact. `quickdraft bench` lists each divergence with its "
                       "top-2 logit gap.[/dim]")
     return 0
 
 
-def _print_demo_table(totals: dict[str, list], identical: int, count: int, dtype: str) -> None:
+def _print_demo_table(totals: dict[str, list], identical: dict[str, int], count: int, dtype: str) -> None:
     table = Table(title=f"quickdraft demo: embedded model, {dtype}, {count} prompts")
     for column in ("method", "tokens/s", "speedup", "mean accepted (tau)", "identical to ar"):
         table.add_column(column)
     base_rate = totals["ar"][0] / totals["ar"][1]
     for name, (tokens, seconds, forwards) in totals.items():
         rate = tokens / seconds
-        same = "-" if name == "ar" else f"{identical}/{count}"
+        same = "-" if name == "ar" else f"{identical[name]}/{count}"
         table.add_row(name, f"{rate:.1f}", f"{rate / base_rate:.2f}x", f"{tokens / forwards:.2f}", same)
     results.print(table)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """``quickdraft cache ls``: the cache's entries; ``quickdraft cache clear``: remove them all."""
+    from quickdraft import cache
+
+    if args.action == "clear":
+        removed, freed = cache.clear()
+        console.print(f"removed {removed} cache entries ({_size(freed)}) from {cache.cache_root()}")
+        return 0
+    listed = cache.entries()
+    table = Table(title=f"quickdraft cache: {cache.cache_root()}")
+    for column in ("kind", "what", "size", "created"):
+        table.add_column(column)
+    for entry in listed:
+        table.add_row(entry.kind, escape(entry.label), _size(entry.size),
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.created)))
+    results.print(table)
+    results.print(f"{len(listed)} entries, {_size(sum(entry.size for entry in listed))}")
+    return 0
+
+
+def _size(count: int) -> str:
+    """A byte count for people: 1.2 GB, 340.0 MB, 12.0 kB, 5 B."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -188,9 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="plain vs speculative decoding on built-in prompts")
     demo.add_argument("--max-new-tokens", type=int, default=128)
+    demo.add_argument("--methods", default=DEMO_METHODS,
+                      help=f"comma-separated: ar (plain decoding) and drafter names (default: {DEMO_METHODS})")
+    demo.add_argument("--draft-budget", type=int, default=None, help="draft tokens verified per step")
     add_model_arguments(demo)
-    add_drafter_arguments(demo)
+    add_datastore_argument(demo)
     demo.set_defaults(handler=cmd_demo)
+
+    cache = sub.add_parser("cache", help="list or clear the cache of converted models and cost curves")
+    cache.add_argument("action", choices=["ls", "clear"], help="ls: list the entries; clear: remove them all")
+    cache.set_defaults(handler=cmd_cache)
 
     index = sub.add_parser("index", help="build a retrieval datastore for the suffix drafter")
     index.add_argument("corpus", nargs="+", help="UTF-8 text files")

