@@ -567,3 +567,50 @@ def test_closing_the_scheduler_under_load_answers_every_client_in_full_or_with_a
             assert value == "shutting_down"
     kinds = [kind for kind, _ in outcomes]
     assert "complete" in kinds and "error" in kinds, kinds
+
+
+# ---------------------------------------------------------------------- request parsing (no server)
+
+
+def _parse_error(body: dict, chat: bool = False):
+    from quickdraft.server.protocol import APIError, parse_chat, parse_completion
+
+    with pytest.raises(APIError) as raised:
+        (parse_chat if chat else parse_completion)(body, {MODEL})
+    return raised.value
+
+
+@pytest.mark.parametrize("body, chat, param, code, message", [
+    (with_(GOOD, stream=True, stream_options={"include_usage": True, "x": 1}), False, "stream_options",
+     "unknown_parameter", "Unrecognized stream_options field: x"),
+    (with_(GOOD, stream=True, stream_options={"include_usage": 1}), False, "stream_options.include_usage",
+     "invalid_type", "Invalid type for 'stream_options.include_usage': expected a boolean, but got a number."),
+    (with_(GOOD, prompt=[1, "A"]), False, "prompt", "invalid_type",
+     "Invalid type for 'prompt': expected a string or a list of token ids, but got an array."),
+    (with_(GOOD, min_p=1.5), False, "min_p", "invalid_value", "min_p must be in [0, 1) (0 disables it), got 1.5"),
+    (with_(GOOD, stop=["x"] * 17), False, "stop", "invalid_value", "at most 16 stop strings are supported, got 17"),
+    (with_(GOOD, presence_penalty=False), False, "presence_penalty", "unsupported_parameter",
+     "'presence_penalty' is not supported by this server (got False); omit it or leave it at its default"),
+    (with_(CHAT, messages=[{"role": "user", "content": "A", "tool_calls": [{}]}]), True, "messages[0].tool_calls",
+     "unsupported_parameter", None),
+    (with_(CHAT, messages=[{"content": "A"}]), True, "messages[0].role", "missing_required_parameter", None),
+    (with_(CHAT, messages=[{"role": "user", "content": None}]), True, "messages[0].content", "invalid_type", None),
+])
+def test_parse_errors_name_the_field_by_its_path(body, chat, param, code, message):
+    error = _parse_error(body, chat)
+    assert (error.status, error.param, error.code) == (400, param, code)
+    if message is not None:
+        assert error.message == message
+
+
+def test_parse_treats_null_as_omitted_and_normalizes_prompts_and_messages():
+    from quickdraft.server.protocol import parse_chat, parse_completion
+
+    nulls = with_(GOOD, prompt=["ABAB"], stop=None, n=None, seed=None, logprobs=None, top_k=-1, max_tokens=None)
+    parsed = parse_completion(nulls, {MODEL})
+    assert parsed.prompt == "ABAB" and parsed.stop == [] and parsed.max_tokens == 16 and not parsed.max_tokens_given
+    assert parsed.params.top_k == 0 and parsed.params.temperature == 0
+    assert parse_completion(with_(GOOD, prompt=[[1, 2]], seed=2**64 - 1), {MODEL}).params.seed == 2**63 - 1
+    chat = parse_chat(with_(CHAT, max_tokens=3, max_completion_tokens=5, messages=[
+        {"role": "developer", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]}]), {MODEL})
+    assert chat.prompt == [{"role": "system", "content": "AB"}] and chat.max_tokens == 5 and chat.max_tokens_given

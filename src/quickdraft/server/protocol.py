@@ -1,10 +1,16 @@
 """The OpenAI wire format: request validation and response bodies.
 
-Requests are validated by hand (not by a schema library) so that every error names the offending parameter
-and comes back in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
+Requests are validated by pydantic models (:class:`CompletionRequest`, :class:`ChatRequest`), in strict mode
+(no coercion: ``"10"`` is not an integer, ``true`` is not a number); :func:`parse_completion` and
+:func:`parse_chat` turn the first problem pydantic finds into OpenAI's error JSON,
+``{"error": {"message", "type", "param", "code"}}``, naming the offending parameter (``param``, a path such
+as ``messages[0].role``) with one of these codes: ``missing_required_parameter``, ``unknown_parameter``,
+``unsupported_parameter``, ``invalid_type``, ``invalid_value``, ``unsupported_content`` (all 400) and
+``model_not_found`` (404).
 
 Choices documented for clients:
 
+- A JSON ``null`` is the same as leaving the parameter out.
 - ``max_tokens`` (``max_completion_tokens`` for chat) must be an integer >= 1; a value larger than what fits
   in the context after the prompt is refused with 400 ``context_length_exceeded`` naming the context length
   and the prompt's length (as OpenAI and vLLM do). Omitted: up to 16 tokens for completions (OpenAI's
@@ -13,19 +19,33 @@ Choices documented for clients:
   as extensions. Sampling is lossless under speculation for every combination.
 - ``n`` must be 1; ``presence_penalty`` / ``frequency_penalty`` must be 0; ``logprobs``, ``tools``, ``echo``,
   ``best_of > 1``, ``suffix``, ``logit_bias`` and the other features this server does not implement are
-  rejected with 400 naming the parameter when set to anything but their neutral value; unknown parameters
-  are rejected too (OpenAI's "Unrecognized request argument").
+  rejected with 400 naming the parameter when set to anything but their neutral value (see the fields typed
+  :data:`Neutral` below); unknown parameters are rejected too (OpenAI's "Unrecognized request argument").
 - One prompt per request (a list of several prompts is rejected); token-id prompts are accepted.
 """
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    WrapValidator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from quickdraft.engine import check_max_new_tokens
 from quickdraft.errors import QuickdraftError
 from quickdraft.types import SamplingParams
 
@@ -83,277 +103,324 @@ class ParsedRequest:
         return "messages" if self.chat else "prompt"
 
 
-# Parameters that are accepted only at their neutral value: name -> predicate "value is neutral".
-def _null(value: Any) -> bool:
-    return value is None
-
-
-def _null_or_false(value: Any) -> bool:
-    return value is None or value is False
-
-
-def _null_or_empty(value: Any) -> bool:
-    return value is None or value == {} or value == [] or value == ""
-
-
-COMMON_NEUTRAL = {
-    "logit_bias": _null_or_empty,
-    "presence_penalty": lambda v: v is None or (_is_number(v) and v == 0),
-    "frequency_penalty": lambda v: v is None or (_is_number(v) and v == 0),
-}
-COMPLETION_NEUTRAL = {
-    **COMMON_NEUTRAL,
-    "logprobs": lambda v: v is None or v is False or v == 0,
-    "echo": _null_or_false,
-    "best_of": lambda v: v is None or v == 1,
-    "suffix": lambda v: v is None or v == "",
-}
-CHAT_NEUTRAL = {
-    **COMMON_NEUTRAL,
-    "logprobs": _null_or_false,
-    "top_logprobs": lambda v: v is None or v == 0,
-    "tools": _null_or_empty,
-    "tool_choice": lambda v: v is None or v == "none",
-    "functions": _null_or_empty,
-    "function_call": lambda v: v is None or v == "none",
-    "parallel_tool_calls": lambda v: True,  # meaningless without tools
-    "response_format": lambda v: v is None or v == {"type": "text"},
-    "modalities": lambda v: v is None or v == ["text"],
-    "audio": _null,
-    "prediction": _null,
-    "reasoning_effort": _null,
-    "web_search_options": _null,
-}
-#: Accepted and ignored.
-IGNORED = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"}
-COMMON_HANDLED = {"model", "temperature", "top_p", "top_k", "min_p", "stop", "seed", "n", "stream",
-                  "stream_options", "max_tokens"}
-COMPLETION_HANDLED = COMMON_HANDLED | {"prompt"}
-CHAT_HANDLED = COMMON_HANDLED | {"messages", "max_completion_tokens"}
-
-
 def parse_completion(body: Any, served_models: set[str]) -> ParsedRequest:
-    body = _object(body)
-    _check_parameters(body, COMPLETION_HANDLED, COMPLETION_NEUTRAL)
-    model = _model(body, served_models)
-    prompt = _completion_prompt(body)
-    return _finish(body, False, model, prompt, _max_tokens(body, "max_tokens"), DEFAULT_COMPLETION_TOKENS)
+    """A /v1/completions body, validated; :class:`APIError` names the first bad parameter."""
+    return _validate(CompletionRequest, body, served_models).parsed()
 
 
 def parse_chat(body: Any, served_models: set[str]) -> ParsedRequest:
-    body = _object(body)
-    _check_parameters(body, CHAT_HANDLED, CHAT_NEUTRAL)
-    model = _model(body, served_models)
-    messages = _messages(body)
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return _finish(body, True, model, messages, _max_tokens(body, name), None)
+    """A /v1/chat/completions body, validated; :class:`APIError` names the first bad parameter."""
+    return _validate(ChatRequest, body, served_models).parsed()
 
 
-def _finish(body: dict, chat: bool, model: str, prompt: Any, max_tokens: int | None,
-            default_max_tokens: int | None) -> ParsedRequest:
-    """The rest of the request; ``max_tokens`` None: not given, ``default_max_tokens`` applies."""
-    params = _sampling(body)
-    stop = _stop(body)
-    n = body.get("n")
-    if n is not None:
-        if not _is_int(n):
-            raise _type_error("n", "an integer", n)
-        if n != 1:
-            raise APIError(400, f"n={n} is not supported: this server returns one choice per request; send "
-                                "n separate requests instead", "n", "unsupported_parameter")
-    stream = body.get("stream")
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise _type_error("stream", "a boolean", stream)
-    include_usage = False
-    options = body.get("stream_options")
-    if options is not None:
-        if not stream:
-            raise APIError(400, "stream_options is only allowed when stream is true", "stream_options",
-                           "invalid_value")
-        if not isinstance(options, dict):
-            raise _type_error("stream_options", "an object", options)
-        unknown = set(options) - {"include_usage", "continuous_usage_stats"}
-        if unknown:
-            raise APIError(400, f"Unrecognized stream_options field: {sorted(unknown)[0]}", "stream_options",
-                           "unknown_parameter")
-        include_usage = options.get("include_usage") or False
-        if not isinstance(include_usage, bool):
-            raise _type_error("stream_options.include_usage", "a boolean", include_usage)
-    given = max_tokens is not None
-    return ParsedRequest(chat, model, prompt, max_tokens if given else default_max_tokens, params, stop, stream,
-                         include_usage, given)
-
-
-def _object(body: Any) -> dict:
+def _validate(model: type[_Request], body: Any, served_models: set[str]) -> _Request:
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", None, "invalid_json")
-    return body
+    try:
+        return model.model_validate(body, context={"served_models": served_models})
+    except ValidationError as error:
+        raise _api_error(error.errors(include_url=False)[0]) from None
 
 
-def _check_parameters(body: dict, handled: set[str], neutral: dict) -> None:
-    for name, value in body.items():
-        if name in handled or name in IGNORED:
-            continue
-        if name in neutral:
-            if not neutral[name](value):
-                raise APIError(400, f"'{name}' is not supported by this server (got {_short(value)}); "
-                                    "omit it or leave it at its default", name, "unsupported_parameter")
-            continue
-        raise APIError(400, f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
+# ---------------------------------------------------------------------- field types
+#
+# A validator refuses a value by raising PydanticCustomError whose type is the API's error code (or one of
+# the pydantic error types that _api_error translates); the message of an API code is sent as it is.
 
 
-def _model(body: dict, served: set[str]) -> str:
-    if "model" not in body or body["model"] is None:
-        raise APIError(400, "you must provide a model parameter", "model", "missing_required_parameter")
-    model = body["model"]
-    if not isinstance(model, str):
-        raise _type_error("model", "a string", model)
-    if model not in served:
-        raise APIError(404, f"The model '{model}' does not exist; this server serves: "
-                            f"{', '.join(sorted(served))}", "model", "model_not_found")
-    return model
+def check(valid: Callable[[Any], bool], message: str, code: str = "invalid_value") -> AfterValidator:
+    """Refuse a value for which ``valid`` is false with error ``code``; ``{value}`` in ``message`` is replaced
+    by the value."""
+
+    def validate(value: Any) -> Any:
+        if not valid(value):
+            raise PydanticCustomError(code, message.replace("{value}", _short(value)))
+        return value
+
+    return AfterValidator(validate)
 
 
-def _completion_prompt(body: dict) -> str | list[int]:
-    if "prompt" not in body or body["prompt"] is None:
-        raise APIError(400, "you must provide a prompt", "prompt", "missing_required_parameter")
-    prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise APIError(400, "the prompt is empty; pass some text to continue", "prompt", "invalid_value")
-        return prompt
-    if isinstance(prompt, list):
-        if not prompt:
-            raise APIError(400, "the prompt is empty; pass some text to continue", "prompt", "invalid_value")
-        if all(_is_int(t) for t in prompt):
-            return list(prompt)
-        if all(isinstance(p, (str, list)) for p in prompt):
-            raise APIError(400, "only one prompt per request is supported; send one request per prompt",
-                           "prompt", "unsupported_parameter")
-    raise _type_error("prompt", "a string or a list of token ids", prompt)
+def expect(description: str) -> WrapValidator:
+    """For a union type: a value of none of its JSON types fails with ``invalid_type`` saying ``description``
+    (e.g. "a string or an array of strings") instead of one error per member of the union."""
+
+    def validate(value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(value)
+        except ValidationError as error:
+            if all(problem["type"].endswith("_type") for problem in error.errors()):
+                raise PydanticCustomError("invalid_type", "expected {expected}", {"expected": description}) from None
+            raise
+
+    return WrapValidator(validate)
 
 
-def _messages(body: dict) -> list[dict[str, str]]:
-    if "messages" not in body or body["messages"] is None:
-        raise APIError(400, "you must provide messages", "messages", "missing_required_parameter")
-    messages = body["messages"]
-    if not isinstance(messages, list):
-        raise _type_error("messages", "an array", messages)
-    if not messages:
-        raise APIError(400, "messages must be a non-empty array", "messages", "invalid_value")
-    result = []
-    for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise _type_error(where, "an object", message)
-        role = message.get("role")
-        if not isinstance(role, str):
-            raise APIError(400, f"{where}.role must be one of {sorted(ROLES)}", f"{where}.role", "invalid_value")
-        if role not in ROLES:
-            raise APIError(400, f"{where}.role '{role}' is not supported; use one of {sorted(ROLES)} "
-                                "(tool calling is not supported)", f"{where}.role", "invalid_value")
-        if message.get("tool_calls") or message.get("function_call"):
-            raise APIError(400, f"{where}: tool calls are not supported", f"{where}.tool_calls",
-                           "unsupported_parameter")
-        result.append({"role": "system" if role == "developer" else role,
-                       "content": _content(message.get("content"), f"{where}.content")})
-    return result
+def neutral(*values: Any) -> AfterValidator:
+    """A parameter this server does not implement: accepted only when null or equal to one of ``values``
+    (same JSON type and value: ``false`` is not ``0``), refused with ``unsupported_parameter`` otherwise."""
+
+    def validate(value: Any) -> Any:
+        if value is not None and not any(_json_type(value) == _json_type(v) and value == v for v in values):
+            raise PydanticCustomError("neutral_only", "not supported", {"got": _short(value)})
+        return value
+
+    return AfterValidator(validate)
 
 
-def _content(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"{where}: only text content parts ({{'type': 'text', 'text': ...}}) are "
-                                    "supported", where, "unsupported_content")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise _type_error(where, "a string or an array of text parts", content)
+def _served_model(name: str, info: ValidationInfo) -> str:
+    served = info.context["served_models"]
+    if name not in served:
+        raise PydanticCustomError("model_not_found", f"The model '{name}' does not exist; this server serves: "
+                                                     f"{', '.join(sorted(served))}")
+    return name
 
 
-def _max_tokens(body: dict, name: str) -> int | None:
-    """The limit the request gives, or None."""
-    value = body.get(name)
-    if value is None:
-        return None
-    if not _is_int(value):
-        raise _type_error(name, "an integer", value)
-    if value < 1:
-        raise APIError(400, f"{name} must be at least 1, got {value}", name, "invalid_value")
+def _max_tokens(value: int, info: ValidationInfo) -> int:
+    """The engine's own check of a token limit, naming the parameter."""
+    try:
+        check_max_new_tokens(value, info.field_name)
+    except QuickdraftError as error:
+        raise PydanticCustomError("invalid_value", str(error)) from None
     return value
 
 
-def _sampling(body: dict) -> SamplingParams:
-    temperature = _number(body, "temperature", 1.0)
-    if not 0 <= temperature <= 2:
-        raise APIError(400, f"temperature must be between 0 and 2 (0 = greedy), got {temperature}",
-                       "temperature", "invalid_value")
-    top_p = _number(body, "top_p", 1.0)
-    if not 0 < top_p <= 1:
-        raise APIError(400, f"top_p must be in (0, 1], got {top_p}", "top_p", "invalid_value")
-    min_p = _number(body, "min_p", 0.0)
-    top_k = body.get("top_k")
-    if top_k is None or top_k == -1:
-        top_k = 0
-    if not _is_int(top_k) or top_k < 0:
-        raise APIError(400, f"top_k must be an integer >= 0 (0 disables it), got {_short(top_k)}", "top_k",
-                       "invalid_value")
-    seed = body.get("seed")
-    if seed is not None:
-        if not _is_int(seed):
-            raise _type_error("seed", "an integer", seed)
-        if not -(2**63) <= seed < 2**64:
-            raise APIError(400, "seed must fit in 64 bits", "seed", "invalid_value")
-        seed %= 2**63
+def _sampling_value(value: Any, info: ValidationInfo) -> Any:
+    """The engine's own check of one :class:`SamplingParams` field (``top_p``, ``top_k``, ``min_p``)."""
     try:
-        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+        SamplingParams(**{info.field_name: value})
     except QuickdraftError as error:
-        raise APIError(400, str(error), None, "invalid_value") from error
+        raise PydanticCustomError("invalid_value", str(error)) from None
+    return value
 
 
-def _number(body: dict, name: str, default: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not _is_number(value):
-        raise _type_error(name, "a number", value)
-    if not math.isfinite(value):
-        raise APIError(400, f"{name} must be a finite number", name, "invalid_value")
-    return float(value)
+def _one_prompt(prompt: Any) -> Any:
+    """``["text"]`` and ``[[1, 2]]`` are one prompt; a list of several prompts is refused."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > 1:
+            raise PydanticCustomError("unsupported_parameter", "only one prompt per request is supported; "
+                                                               "send one request per prompt")
+        return prompt[0]
+    return prompt
 
 
-def _stop(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop]
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        if len(stop) > MAX_STOP:
-            raise APIError(400, f"at most {MAX_STOP} stop strings are supported, got {len(stop)}", "stop",
-                           "invalid_value")
-        return list(stop)
-    raise _type_error("stop", "a string or an array of strings", stop)
+class TextPart(BaseModel):
+    """A content part of a chat message; only text parts are supported (other fields are ignored)."""
+
+    model_config = ConfigDict(strict=True)
+    type: Literal["text"]
+    text: str
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+_TEXT_PARTS = TypeAdapter(list[TextPart])
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _join_text_parts(content: Any) -> Any:
+    """An array of text parts as one string (anything else passes on to the type check)."""
+    if not isinstance(content, list):
+        return content
+    try:
+        parts = _TEXT_PARTS.validate_python(content)
+    except ValidationError:
+        raise PydanticCustomError("unsupported_content", "only text content parts ({'type': 'text', 'text': ...}) "
+                                                         "are supported") from None
+    return "".join(part.text for part in parts)
 
 
-def _type_error(name: str, expected: str, value: Any) -> APIError:
-    return APIError(400, f"Invalid type for '{name}': expected {expected}, but got {_json_type(value)}.", name,
-                    "invalid_type")
+def _role(role: str) -> str:
+    """A supported role; ``developer`` is OpenAI's newer name for ``system``."""
+    if role not in ROLES:
+        raise PydanticCustomError("invalid_value", f"'{role}' is not supported; use one of {sorted(ROLES)} "
+                                                   "(tool calling is not supported)")
+    return "system" if role == "developer" else role
+
+
+def _seed(seed: int) -> int:
+    """A 64-bit seed (signed or unsigned), folded into the non-negative 63 bits the sampler takes."""
+    if not -(2**63) <= seed < 2**64:
+        raise PydanticCustomError("invalid_value", "seed must fit in 64 bits")
+    return seed % 2**63
+
+
+def _stop_list(stop: str | list[str]) -> list[str]:
+    """One stop string or at most MAX_STOP of them, as a list."""
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > MAX_STOP:
+        raise PydanticCustomError("invalid_value",
+                                  f"at most {MAX_STOP} stop strings are supported, got {len(stops)}")
+    return stops
+
+
+def _no_disabled_top_k(top_k: int) -> int:
+    """vLLM's ``top_k = -1`` means what 0 means here: no top-k filter."""
+    return 0 if top_k == -1 else top_k
+
+
+#: A parameter accepted only at a neutral value: ``Annotated[Any, neutral(values)]``.
+Neutral = Any
+#: Accepted and ignored.
+Ignored = Any
+Model = Annotated[str, AfterValidator(_served_model)]
+MaxTokens = Annotated[int, AfterValidator(_max_tokens)]
+Temperature = Annotated[float, check(lambda t: 0 <= t <= 2, "temperature must be between 0 and 2 (0 = greedy), "
+                                                            "got {value}")]
+Stop = Annotated[str | list[str], expect("a string or an array of strings"), AfterValidator(_stop_list)]
+Prompt = Annotated[str | list[int], expect("a string or a list of token ids"),
+                   check(lambda prompt: len(prompt) > 0, "the prompt is empty; pass some text to continue"),
+                   BeforeValidator(_one_prompt)]
+Content = Annotated[str, expect("a string or an array of text parts"), BeforeValidator(_join_text_parts)]
+
+
+class _Object(BaseModel):
+    """A JSON object of the API: strict types, unknown fields refused, ``null`` the same as omitted."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class StreamOptions(_Object):
+    include_usage: bool = False
+    continuous_usage_stats: Ignored = None
+
+
+def _only_when_streaming(options: StreamOptions, info: ValidationInfo) -> StreamOptions:
+    if not info.data.get("stream"):
+        raise PydanticCustomError("invalid_value", "stream_options is only allowed when stream is true")
+    return options
+
+
+class Message(BaseModel):
+    """One chat message; fields other than these (``name``, ...) are ignored."""
+
+    model_config = ConfigDict(strict=True)
+    role: Annotated[str, AfterValidator(_role)]
+    content: Content
+    tool_calls: Annotated[Neutral, neutral([])] = None
+    function_call: Annotated[Neutral, neutral()] = None
+
+
+Messages = Annotated[list[Message], check(lambda messages: len(messages) > 0, "messages must be a non-empty array")]
+
+
+class _Request(_Object):
+    """What both endpoints take. Fields typed :data:`Neutral` are features this server does not implement."""
+
+    model: Model
+    temperature: Temperature = 1.0
+    top_p: Annotated[float, AfterValidator(_sampling_value)] = 1.0
+    top_k: Annotated[int, AfterValidator(_no_disabled_top_k), AfterValidator(_sampling_value)] = 0
+    min_p: Annotated[float, AfterValidator(_sampling_value)] = 0.0
+    seed: Annotated[int, AfterValidator(_seed)] | None = None
+    stop: Stop = []
+    n: Annotated[int, check(lambda n: n == 1, "n={value} is not supported: this server returns one choice per "
+                                              "request; send n separate requests instead", "unsupported_parameter")] = 1
+    stream: bool = False
+    stream_options: Annotated[StreamOptions, AfterValidator(_only_when_streaming)] | None = None
+    max_tokens: MaxTokens | None = None
+    logit_bias: Annotated[Neutral, neutral({}, [], "")] = None
+    presence_penalty: Annotated[Neutral, neutral(0)] = None
+    frequency_penalty: Annotated[Neutral, neutral(0)] = None
+    user: Ignored = None
+    metadata: Ignored = None
+    store: Ignored = None
+    service_tier: Ignored = None
+    safety_identifier: Ignored = None
+    prompt_cache_key: Ignored = None
+
+    def parsed(self) -> ParsedRequest:
+        raise NotImplementedError
+
+    def _parsed(self, chat: bool, prompt: Any, max_tokens: int | None, default_max_tokens: int | None
+                ) -> ParsedRequest:
+        """``max_tokens`` None: not given, ``default_max_tokens`` applies."""
+        params = SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p, self.seed)
+        include_usage = self.stream_options is not None and self.stream_options.include_usage
+        given = max_tokens is not None
+        return ParsedRequest(chat, self.model, prompt, max_tokens if given else default_max_tokens, params, self.stop,
+                             self.stream, include_usage, given)
+
+
+class CompletionRequest(_Request):
+    """A /v1/completions body."""
+
+    prompt: Prompt
+    logprobs: Annotated[Neutral, neutral(False, 0)] = None
+    echo: Annotated[Neutral, neutral(False)] = None
+    best_of: Annotated[Neutral, neutral(1)] = None
+    suffix: Annotated[Neutral, neutral("")] = None
+
+    def parsed(self) -> ParsedRequest:
+        return self._parsed(False, self.prompt, self.max_tokens, DEFAULT_COMPLETION_TOKENS)
+
+
+class ChatRequest(_Request):
+    """A /v1/chat/completions body; ``max_completion_tokens`` is OpenAI's newer name for ``max_tokens``."""
+
+    messages: Messages
+    max_completion_tokens: MaxTokens | None = None
+    logprobs: Annotated[Neutral, neutral(False)] = None
+    top_logprobs: Annotated[Neutral, neutral(0)] = None
+    tools: Annotated[Neutral, neutral({}, [], "")] = None
+    tool_choice: Annotated[Neutral, neutral("none")] = None
+    functions: Annotated[Neutral, neutral({}, [], "")] = None
+    function_call: Annotated[Neutral, neutral("none")] = None
+    parallel_tool_calls: Ignored = None  # meaningless without tools
+    response_format: Annotated[Neutral, neutral({"type": "text"})] = None
+    modalities: Annotated[Neutral, neutral(["text"])] = None
+    audio: Annotated[Neutral, neutral()] = None
+    prediction: Annotated[Neutral, neutral()] = None
+    reasoning_effort: Annotated[Neutral, neutral()] = None
+    web_search_options: Annotated[Neutral, neutral()] = None
+
+    def parsed(self) -> ParsedRequest:
+        messages = [{"role": m.role, "content": m.content} for m in self.messages]
+        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self._parsed(True, messages, limit, None)
+
+
+# ---------------------------------------------------------------------- validation errors
+
+#: The JSON type a pydantic type error expected.
+EXPECTED = {"int_type": "an integer", "float_type": "a number", "string_type": "a string", "bool_type": "a boolean",
+            "list_type": "an array", "dict_type": "an object", "model_type": "an object",
+            "model_attributes_type": "an object"}
+#: Error codes a validator raises with its final message.
+API_CODES = {"invalid_value", "unsupported_parameter", "unsupported_content", "model_not_found"}
+
+
+def _api_error(problem: ErrorDetails) -> APIError:
+    """One pydantic problem as OpenAI's error: status, message, ``param`` (the path of the field) and code."""
+    kind, loc, ctx = problem["type"], problem["loc"], problem.get("ctx") or {}
+    param = _path(loc) or None
+    if kind == "extra_forbidden":
+        parent, name = _path(loc[:-1]), loc[-1]
+        if parent:
+            return APIError(400, f"Unrecognized {parent} field: {name}", parent, "unknown_parameter")
+        return APIError(400, f"Unrecognized request argument supplied: {name}", str(name), "unknown_parameter")
+    if kind == "missing":
+        return APIError(400, f"you must provide a {param} parameter", param, "missing_required_parameter")
+    if kind == "neutral_only":
+        return APIError(400, f"'{param}' is not supported by this server (got {ctx['got']}); omit it or leave it "
+                             "at its default", param, "unsupported_parameter")
+    if kind.endswith("_type"):
+        expected = ctx.get("expected") or EXPECTED.get(kind, "another type")
+        return APIError(400, f"Invalid type for '{param}': expected {expected}, but got "
+                             f"{_json_type(problem['input'])}.", param, "invalid_type")
+    if kind in API_CODES:
+        message = problem["msg"] if len(loc) < 2 else f"{param}: {problem['msg']}"
+        return APIError(404 if kind == "model_not_found" else 400, message, param, kind)
+    return APIError(400, f"Invalid value for '{param}': {problem['msg']}", param, "invalid_value")
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    """A field's location as the API names it: ``messages[0].content``."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
 
 
 def _json_type(value: Any) -> str:
