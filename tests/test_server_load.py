@@ -1,9 +1,13 @@
 """Load on loopback (slow): 32 concurrent streaming clients, 500 requests, with and without speculation in
 one run; and memory that stays flat over 1,000 sequential requests. Uses a tiny random model so that the
-numbers measure the serving machinery, not a model."""
+numbers measure the serving machinery, not a model. The load generator's command line (fast): prompts from a
+Spec-Bench-format dataset, several client counts in one run, the comparison as the last line, and clear
+errors for a bad dataset."""
 
 import asyncio
 import gc
+import json
+import re
 
 import httpx
 import pytest
@@ -11,9 +15,8 @@ import torch
 
 from conftest import tiny_engine
 from quickdraft.server import start_server
-from quickdraft.server.loadtest import DEFAULT_PROMPTS, run_load
-
-pytestmark = pytest.mark.slow
+from quickdraft.engine import Engine
+from quickdraft.server.loadtest import DEFAULT_PROMPTS, dataset_prompts, main, run_load
 
 #: Allowed RSS growth over 1,000 requests after warm-up. Python's allocator and torch's CPU caching keep
 #: some freed memory; a leak of even 50 KB per request would exceed this.
@@ -30,6 +33,7 @@ def engine():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_32_streaming_clients_500_requests_with_and_without_speculation(engine):
     expected = {p: engine.generate_ids(engine.tokenizer(p)["input_ids"], 32).text for p in DEFAULT_PROMPTS}
     reports = []
@@ -61,6 +65,7 @@ def _rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_over_1000_sequential_requests(engine):
     with start_server(engine, "ngram", max_batch=4) as server, httpx.Client(base_url=server.url, timeout=30) as c:
         def request(index: int) -> None:
@@ -81,3 +86,77 @@ def test_memory_stays_flat_over_1000_sequential_requests(engine):
         print(f"\nRSS {before:.1f} MB -> {after:.1f} MB after 1,000 requests ({after - before:+.1f} MB)")
         assert after - before < RSS_GROWTH_LIMIT_MB
         assert server.scheduler.stats.finished == 1150
+
+
+# ---------------------------------------------------------------------- the command line (fast)
+
+QUESTIONS = [
+    {"question_id": 1, "category": "writing", "turns": ["ABABABAB", "Now shorter."]},
+    {"question_id": 2, "category": "coding", "turns": ["CDCDCD"]},
+    {"question_id": 3, "category": "translation", "turns": ["EFEFEF"]},
+    {"question_id": 4, "category": "translation", "turns": ["GHGHGH"]},
+    {"question_id": 5, "category": "summarization", "turns": ["IJIJIJ"]},
+]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    path = tmp_path / "question.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in QUESTIONS))
+    return str(path)
+
+
+def test_dataset_prompts_are_first_turns_selected_as_the_bench_selects_them(dataset):
+    assert dataset_prompts(dataset) == ["ABABABAB", "CDCDCD", "EFEFEF", "GHGHGH", "IJIJIJ"]
+    # MT-Bench's categories (writing, coding) form one task group, as in `quickdraft bench --per-category`.
+    assert dataset_prompts(dataset, 1) == ["ABABABAB", "EFEFEF", "IJIJIJ"]
+    assert dataset_prompts(dataset, 1) == dataset_prompts(dataset, 1)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("\n\n", "holds no questions"),
+    ('{"question_id": 1, "turns": ["A"]}\n', "missing key(s) category"),
+    ("not json\n", "not valid JSON"),
+])
+def test_a_bad_dataset_is_a_clear_error_not_a_traceback(tmp_path, capsys, content, message):
+    path = tmp_path / "question.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exited:
+        main(["--model", "unused", "--dataset", str(path)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_per_category_needs_a_dataset_and_client_counts_must_be_positive(capsys):
+    for argv in (["--model", "unused", "--per-category", "2"], ["--model", "unused", "--clients", "1,0"],
+                 ["--model", "unused", "--clients", "1,x"]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+    assert "pass --dataset FILE too" in capsys.readouterr().err
+
+
+def test_several_client_counts_in_one_run_end_with_the_comparison(engine, dataset, monkeypatch, capsys):
+    monkeypatch.setattr(Engine, "from_pretrained", lambda *args, **kwargs: engine)
+    code = main(["--model", "tiny", "--drafter", "ngram", "--clients", "1,2", "--dataset", dataset,
+                 "--per-category", "1", "--max-tokens", "6", "--max-batch", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0, lines
+    assert re.fullmatch(r"speedup of ngram over no drafter \(tokens/s; p50 latency with/without\): "
+                        r"1 client \d+\.\d\dx \(p50 \d+/\d+ ms\), 2 clients \d+\.\d\dx \(p50 \d+/\d+ ms\)", lines[-1])
+    rows = [line.split() for line in lines[1:-1]]
+    assert [(row[0], row[1], row[2]) for row in rows] == [("1", "ngram", "3/3"), ("1", "none", "3/3"),
+                                                           ("2", "ngram", "3/3"), ("2", "none", "3/3")]
+    assert lines[0].split()[:6] == ["clients", "server", "done", "tok/s", "p50", "ms"]
+
+
+def test_against_a_running_server_each_client_count_is_a_table_row(engine, dataset, capsys):
+    with start_server(engine, "ngram", max_batch=2) as server:
+        code = main(["--url", server.url, "--clients", "1,3", "--dataset", dataset, "--max-tokens", "4",
+                     "--requests", "4"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0, lines
+    assert [line.split()[:3] for line in lines[1:]] == [["1", server.url, "4/4"], ["3", server.url, "4/4"]]

@@ -4,16 +4,23 @@ Against a running server::
 
     python -m quickdraft.server.loadtest --url http://127.0.0.1:8000 --clients 32 --requests 500
 
-or, to compare batched speculation with plain batched decoding on one model in one run (both servers are
+or, to compare batched speculation with plain batched decoding on one model in one run (the servers are
 started in this process, one after the other, on loopback)::
 
-    python -m quickdraft.server.loadtest --model default --drafter ngram --clients 32 --requests 500
+    python -m quickdraft.server.loadtest --model default --drafter auto --clients 1,4,16 --chat \
+        --dataset ../shared/specbench/question.jsonl --per-category 2 --max-tokens 128
 
 Each client sends streaming ``/v1/completions`` (or ``--chat``) requests back to back until ``--requests``
-have been sent in total. A stream counts as complete only if every event is ``data: {json}`` of the right
-object type, exactly one chunk carries a finish_reason, the usage chunk is present, and ``data: [DONE]``
-ends it. Reported: completed / failed requests, p50 / p99 latency and time to first token, and total
-completion tokens per second (completion tokens of all requests / wall time).
+have been sent in total; with several client counts (``--clients 1,4,16``) the load runs once per count.
+The prompts are eight short built-in ones, or with ``--dataset`` the first user turn of each question of a
+Spec-Bench-format JSONL file, selected as ``quickdraft bench`` selects them (``--per-category N``: the first N
+of each task group). A stream counts as complete only if every event is ``data: {json}`` of the right object
+type, exactly one chunk carries a finish_reason, the usage chunk is present, and ``data: [DONE]`` ends it.
+
+Reported, one table row per client count and server: completed requests, completion tokens per second
+(completion tokens of all requests / wall time), and p50 / p99 latency (a request's latency: from sending it
+to the end of its stream). With ``--model``, the last line is the comparison: the speedup of the drafter over
+no drafter (tokens/s with it / tokens/s without) at each client count.
 """
 
 from __future__ import annotations
@@ -206,31 +213,97 @@ def _served_model(base_url: str, api_key: str | None) -> str:
     return response.json()["data"][0]["id"]
 
 
-def compare_embedded(model: str | None, drafter: str, clients: int, requests: int, max_tokens: int,
+def dataset_prompts(dataset: str, per_category: int | None = None) -> list[str]:
+    """The first user turn of each question of a Spec-Bench-format JSONL file, selected as ``quickdraft bench``
+    selects them (``per_category``: the first N of each task group; None: all). A missing or malformed file, or
+    one without questions, raises :class:`~quickdraft.errors.InvalidRequestError` with a message for the user."""
+    from quickdraft.bench.dataset import load_questions
+
+    return [question.turns[0] for question in load_questions(dataset, per_category)]
+
+
+@dataclass
+class Comparison:
+    """The same load served with ``drafter`` and with no drafter, at one client count (``clients``)."""
+
+    clients: int
+    with_drafter: LoadReport
+    without: LoadReport
+
+    @property
+    def speedup(self) -> float:
+        """Completion tokens per second with the drafter over those without (nan when nothing completed)."""
+        plain = self.without.tokens_per_second
+        return self.with_drafter.tokens_per_second / plain if plain > 0 else float("nan")
+
+
+def compare_embedded(model: str | None, drafter: str, clients: list[int], requests: int, max_tokens: int,
                      max_batch: int, dtype: str = "auto", device: str | None = None, chat: bool = False,
-                     timeout: float = 600.0, drafter_options: dict[str, Any] | None = None) -> list[LoadReport]:
-    """Serve ``model`` in this process with ``drafter`` and then with none; the same load against each."""
+                     timeout: float = 600.0, drafter_options: dict[str, Any] | None = None,
+                     prompts: list[str] | None = None) -> list[Comparison]:
+    """Serve ``model`` in this process with ``drafter`` and then with none, at each client count in turn; a
+    fresh server for every run, warmed up by one untimed request; ``requests`` requests at each count."""
     from quickdraft.engine import Engine
     from quickdraft.server.background import start_server
-
     from quickdraft.server.cli import _shared_drafter_options
 
     engine = Engine.from_pretrained(model, None, dtype, device)
-    drafter_options = _shared_drafter_options(dict(drafter_options or {}), engine)
-    reports = []
-    for name in (drafter, "none"):
-        with start_server(engine, name, drafter_options if name == drafter else None, max_batch=max_batch,
+    shared = _shared_drafter_options(dict(drafter_options or {}), engine)
+    prompts = prompts or DEFAULT_PROMPTS
+
+    def serve(name: str, level: int) -> LoadReport:
+        options = shared if name == drafter else None
+        with start_server(engine, name, options, max_batch=max_batch,
                           max_seq_len=min(2048, engine.loaded.target.max_context)) as server:
-            report = asyncio.run(run_load(server.url, server.model_name, clients, requests, max_tokens,
-                                          chat=chat, timeout=timeout, label=f"drafter {name}, max batch {max_batch}"))
+            asyncio.run(run_load(server.url, server.model_name, 1, 1, max_tokens, prompts[:1], chat=chat,
+                                 timeout=timeout, label="warm-up"))
+            report = asyncio.run(run_load(server.url, server.model_name, level, requests, max_tokens, prompts,
+                                          chat=chat, timeout=timeout, label=name))
             stats = server.scheduler.stats
             report.note = (f"tau {stats.tau:.2f}, {stats.accepted_tokens}/{stats.drafted_tokens} draft tokens "
-                           f"accepted, {stats.batch_forwards} batched forwards")
-            reports.append(report)
-    return reports
+                           f"accepted, {stats.batch_forwards} batched forwards (warm-up included)")
+            return report
+
+    return [Comparison(level, serve(drafter, level), serve("none", level)) for level in clients]
 
 
-def main(argv: list[str] | None = None) -> int:
+def table(reports: list[LoadReport]) -> list[str]:
+    """One line per report: client count, label, completed requests, completion tokens/s, p50 and p99
+    latency (a request's latency: from sending it to the end of its stream)."""
+    lines = [f"{'clients':>7}  {'server':<24} {'done':>9} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8}  notes"]
+    for report in reports:
+        done = f"{report.completed}/{report.requests}"
+        lines.append(f"{report.clients:>7}  {report.label[:24]:<24} {done:>9} {report.tokens_per_second:>8.1f} "
+                     f"{report.latency(0.5) * 1000:>8.0f} {report.latency(0.99) * 1000:>8.0f}  {report.note}")
+    return lines
+
+
+def comparison_line(drafter: str, comparisons: list[Comparison]) -> str:
+    """At each client count, on one line: the speedup (tokens/s with ``drafter`` over tokens/s without) and
+    the p50 latency with and without."""
+    levels = ", ".join(f"{c.clients} client{'s' if c.clients != 1 else ''} {c.speedup:.2f}x "
+                       f"(p50 {c.with_drafter.latency(0.5) * 1000:.0f}/{c.without.latency(0.5) * 1000:.0f} ms)"
+                       for c in comparisons)
+    return f"speedup of {drafter} over no drafter (tokens/s; p50 latency with/without): {levels}"
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (an argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def client_counts(text: str) -> list[int]:
+    """``--clients``: one count or several, comma-separated (``1,4,16``)."""
+    return [positive_int(part) for part in text.split(",")]
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m quickdraft.server.loadtest", description=__doc__.split("\n")[0])
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
@@ -238,8 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drafter", default="ngram", help="with --model: the drafter compared against none")
     parser.add_argument("--drafter-option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--api-key", default=None)
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--clients", type=client_counts, default=[32], metavar="N[,N...]",
+                        help="concurrent clients; several counts (1,4,16) are run one after the other (default: 32)")
+    parser.add_argument("--requests", type=positive_int, default=None,
+                        help="requests per client count (default: one per question with --dataset, else 500)")
+    parser.add_argument("--dataset", metavar="FILE", default=None,
+                        help="prompts: the first turn of each question of a Spec-Bench-format JSONL file, as "
+                             "'quickdraft bench --dataset' reads it (use --chat to encode them as the bench does); "
+                             "default: eight short built-in prompts")
+    parser.add_argument("--per-category", metavar="N", type=int, default=None,
+                        help="with --dataset: the first N questions of each task group, as 'quickdraft bench' "
+                             "selects them (default: all)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--dtype", default="auto")
@@ -247,12 +329,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for --model")
     parser.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
     parser.add_argument("--timeout", type=float, default=1800.0)
+    return parser
+
+
+def _prompts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The prompts the options ask for; a bad dataset ends the program with a message (exit status 2)."""
+    from quickdraft.errors import QuickdraftError
+
+    if args.dataset is None:
+        if args.per_category is not None:
+            parser.error("--per-category selects questions of a --dataset; pass --dataset FILE too")
+        return DEFAULT_PROMPTS
+    try:
+        return dataset_prompts(args.dataset, args.per_category)
+    except QuickdraftError as error:
+        parser.error(str(error))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    prompts = _prompts(parser, args)
+    requests = args.requests if args.requests is not None else (len(prompts) if args.dataset else 500)
     if args.url:
         model = _served_model(args.url, args.api_key)
-        reports = [asyncio.run(run_load(args.url, model, args.clients, args.requests, args.max_tokens,
-                                        api_key=args.api_key, chat=args.chat, timeout=args.timeout,
-                                        label=args.url))]
+        reports = [asyncio.run(run_load(args.url, model, clients, requests, args.max_tokens, prompts, args.api_key,
+                                        args.chat, timeout=args.timeout, label=args.url)) for clients in args.clients]
+        comparisons = []
     else:
         from quickdraft.cli import parse_option
 
@@ -261,14 +364,16 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(args.threads)
         options = dict(parse_option(item) for item in args.drafter_option)
-        reports = compare_embedded(args.model, args.drafter, args.clients, args.requests, args.max_tokens,
-                                   args.max_batch, args.dtype, args.device, args.chat, args.timeout, options)
+        comparisons = compare_embedded(args.model, args.drafter, args.clients, requests, args.max_tokens,
+                                       args.max_batch, args.dtype, args.device, args.chat, args.timeout, options,
+                                       prompts)
+        reports = [report for c in comparisons for report in (c.with_drafter, c.without)]
     for report in reports:
-        print(report.summary())
         for failure in report.failures[:5]:
-            print("  failure:", failure)
-    if len(reports) == 2 and reports[1].tokens_per_second > 0:
-        print(f"speculation vs none: {reports[0].tokens_per_second / reports[1].tokens_per_second:.2f}x tokens/s")
+            print(f"failure ({report.label}, {report.clients} clients): {failure}")
+    print("\n".join(table(reports)))
+    if comparisons:
+        print(comparison_line(args.drafter, comparisons))
     return 0 if all(not r.failures for r in reports) else 1
 
 
