@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,12 @@ from quickdraft.bench.dataset import (
     read_questions,
     select_per_group,
 )
-from quickdraft.bench.divergence import compare_to_baseline, first_divergence, top2_gap_of
-from quickdraft.bench.harness import BenchRun, Record, count_generations, run_loop
+from quickdraft.bench.divergence import compare_to_baseline, first_divergence
+from quickdraft.bench.harness import BenchRun, Record, count_generations, run_loop, run_orders
 from quickdraft.bench.metrics import Totals, aggregate
 from quickdraft.bench.report import BenchReport, plot_speedups, render_table, source_revision
 from quickdraft.bench.run import run_bench
+from quickdraft.bench.top2 import Top2, Top2Recorder
 from quickdraft.bench.runners import (
     HFRunner,
     MethodOutput,
@@ -43,7 +45,8 @@ from quickdraft.bench.runners import (
     split_methods,
 )
 from quickdraft.errors import InvalidRequestError
-from quickdraft.types import SamplingParams
+from quickdraft.models.base import ForwardOutput
+from quickdraft.types import DraftTree, SamplingParams
 
 SPECBENCH = Path(__file__).resolve().parents[2] / "shared" / "specbench" / "question.jsonl"
 
@@ -204,7 +207,7 @@ def test_specbench_file_reads_into_six_groups():
 # ---------------------------------------------------------------- harness
 
 
-def test_loop_warms_up_then_interleaves_with_baseline_first():
+def test_loop_warms_up_then_interleaves_per_question():
     log: list = []
     runners = [
         ScriptedRunner("ngram", echo, log=log, tau=2.0),
@@ -218,12 +221,14 @@ def test_loop_warms_up_then_interleaves_with_baseline_first():
                    on_generation=lambda m, label: seen.append((m, label)))
     names = [name for name, _ in log]
     assert names[:3] == ["ar", "ngram", "hf"]  # warm-up, once each, before anything timed
-    assert names[3:] == ["ar", "ngram", "hf"] * 2  # interleaved per question
+    assert names[3:] == run.run_orders[1] + run.run_orders[2]  # interleaved per question, in its run order
+    assert all(sorted(order) == ["ar", "hf", "ngram"] for order in run.run_orders.values())
     assert [label for _, label in seen[:3]] == ["warm-up"] * 3
     assert run.methods == ["ar", "ngram", "hf"]
     assert len(run.records) == 6  # warm-ups are not recorded
     assert len(seen) == count_generations(questions, 3) == 9
-    # Every method got the same prompt ids for the same question.
+    # Every method got the same prompt ids for the same question; the records follow the run order.
+    assert [r.method for r in run.records] == names[3:]
     prompts = [ids for _, ids in log[3:6]]
     assert prompts[0] == prompts[1] == prompts[2] == run.prompts[(1, 0)]
 
@@ -249,6 +254,33 @@ def test_multi_turn_feeds_back_the_baseline_answer():
     assert len(turn2) == 2  # ar and hf both answered turn 2 from the same conversation
     assert {r.turn for r in run.records} == {0, 1}
     assert all(r.group == MULTI_TURN for r in run.records)
+
+
+def test_method_order_is_shuffled_per_question_reproducibly_from_the_seed_and_reported():
+    questions = [Question(i, "qa", (f"question {i}",)) for i in range(8)]
+    methods = ["ar", "ngram", "suffix", "hf"]
+
+    def bench(seed):
+        log: list = []
+        runners = [ScriptedRunner(name, echo, log=log, tau=1.0) for name in methods]
+        report = run_bench(None, questions, runners=runners, conversation=WordConversation(), max_new_tokens=4,
+                           params=SamplingParams(seed=seed))
+        return report, [name for name, _ in log]
+
+    report, ran = bench(seed=3)
+    orders = report.run.run_orders
+    assert ran[:len(methods)] == methods  # one untimed warm-up each, first
+    assert ran[len(methods):] == [name for q in questions for name in orders[q.question_id]]  # as recorded
+    assert all(sorted(order) == sorted(methods) for order in orders.values())
+    assert len({tuple(order) for order in orders.values()}) > 1  # the order differs between questions
+    assert {order[0] for order in orders.values()} != {"ar"}  # ar is not always first
+    assert bench(seed=3)[0].run.run_orders == orders  # reproducible for a seed
+    assert bench(seed=4)[0].run.run_orders != orders
+    assert run_orders([q.question_id for q in questions], methods, 3) == orders
+    assert report.to_json()["run_order"] == [{"question_id": q.question_id, "methods": orders[q.question_id]}
+                                             for q in questions]
+    assert report.to_json()["methods"]["ar"]["speedup"] == pytest.approx(1.0)  # against ar of the same run
+    assert report.to_json()["methods"]["hf"]["total"] == len(questions)
 
 
 def test_loop_requires_the_baseline_and_unique_names():
@@ -377,35 +409,112 @@ def test_divergence_report_positions_tokens_and_gaps():
     for r in records:
         r.output.token_ids = outputs[(r.method, r.question_id)]
     run = BenchRun(["ar", "spec", "hf"], records, prompts={(1, 0): [100, 101], (2, 0): [200]})
-    calls = []
+    plain = compare_to_baseline(run)  # Without recorded top-2 logits the report still has positions.
+    assert plain["hf"].divergences[0].top2_gap is None
+    # ar's recordings: one per token it chose, and one more for the EOS that ended question 2.
+    recorded = {1: [Top2(0.5 + i, 10 + i, 20 + i) for i in range(4)],
+                2: [Top2(0.25 * i, 30 + i, 40 + i) for i in range(4)]}
+    for r in records[:2]:
+        r.output.top2 = recorded[r.question_id]
 
-    def gap_fn(context):
-        calls.append(list(context))
-        return 0.125 * len(context), 11, 12
-
-    result = compare_to_baseline(run, gap_fn)
+    result = compare_to_baseline(run)
     assert (result["ar"].identical, result["ar"].total) == (2, 2)
     assert (result["spec"].identical, result["spec"].total) == (1, 2)
     assert (result["hf"].identical, result["hf"].total) == (0, 2)
     (spec_div,) = result["spec"].divergences
     assert (spec_div.question_id, spec_div.position, spec_div.baseline_token, spec_div.method_token) == (2, 3, None, 3)
-    assert spec_div.top2_gap == pytest.approx(0.125 * 4)
+    assert (spec_div.top2_gap, spec_div.top1_token, spec_div.top2_token) == (0.75, 33, 43)  # ar's EOS decision
     hf1, hf2 = result["hf"].divergences
     assert (hf1.position, hf1.baseline_token, hf1.method_token) == (2, 7, 4)
-    assert (hf1.top1_token, hf1.top2_token) == (11, 12)
+    assert (hf1.top2_gap, hf1.top1_token, hf1.top2_token) == (2.5, 12, 22)
     assert (hf2.position, hf2.baseline_token, hf2.method_token) == (1, 9, None)
-    # The gap comes from prompt + ar's tokens before the divergence position.
-    assert [100, 101, 5, 6] in calls
-    assert [200, 9, 9, 9] in calls
-    assert [200, 9] in calls
-    # Without a gap function the report still has positions.
-    plain = compare_to_baseline(run)
-    assert plain["hf"].divergences[0].top2_gap is None
+    assert hf2.top2_gap == 0.25
 
 
-def test_top2_gap_of_logits():
-    gap, top1, top2 = top2_gap_of(torch.tensor([0.5, 3.0, 2.25, -1.0]))
-    assert (gap, top1, top2) == (pytest.approx(0.75), 1, 2)
+class DecodeSkewedTarget:
+    """A tiny target whose one-row decode forwards (``verify``) return twice the logits it computes: the
+    same argmax as a prefill, a different top-2 gap, like a decode step that rounds unlike a prefill
+    (exaggerated). It counts prefills and keeps, per session, the logits each verify returned."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+        self.prefills = 0
+        self.sessions: list[list[torch.Tensor]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.target, name)
+
+    def new_session(self, max_len):
+        self.sessions.append([])
+        return _SkewedSession(self.target.new_session(max_len), self)
+
+
+class _SkewedSession:
+    def __init__(self, session, owner: DecodeSkewedTarget) -> None:
+        self.session = session
+        self.owner = owner
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def prefill(self, prompt_ids):
+        self.owner.prefills += 1
+        return self.session.prefill(prompt_ids)
+
+    def verify(self, root, tree, hidden_layers=()):
+        out = self.session.verify(root, tree, hidden_layers)
+        logits = out.logits * 2
+        self.owner.sessions[-1].append(logits.clone())
+        return ForwardOutput(logits, out.hidden)
+
+
+def test_divergence_gap_is_the_one_ar_decoded_with_and_no_forward_is_added():
+    from conftest import tiny_loaded
+
+    from quickdraft.engine import Engine
+
+    loaded = tiny_loaded()
+    skewed = DecodeSkewedTarget(loaded.target)
+    engine = Engine(replace(loaded, target=skewed))
+    plain = Engine(loaded)  # the same tokens as ar on the skewed target (doubling keeps the argmax)
+
+    def off_at_3(prompt_ids):
+        tokens = plain.generate_ids(prompt_ids, 6).token_ids
+        return tokens[:3] + [(tokens[3] + 1) % 90] + tokens[4:]
+
+    runners = [*build_runners(engine, ["ar"]), ScriptedRunner("other", off_at_3)]
+    report = run_bench(engine, [Question("q", "qa", ("ABCABD",))], runners=runners, max_new_tokens=6,
+                       warmup_tokens=2)
+    (divergence,) = report.comparisons["other"].divergences
+    assert divergence.position == 3
+    assert skewed.prefills == 2  # ar's warm-up and its answer: the report ran no forward of its own
+    decoded = torch.topk(skewed.sessions[1][2][0], 2)  # ar answering (after its warm-up), token 3
+    assert divergence.top2_gap == pytest.approx(float(decoded.values[0] - decoded.values[1]))
+    assert (divergence.top1_token, divergence.top2_token) == tuple(decoded.indices.tolist())
+    ar_tokens = report.run.outputs("ar")[("q", 0)].token_ids
+    fresh = loaded.target.new_session(64).prefill(report.run.prompts[("q", 0)] + ar_tokens[:3])
+    fresh_values = torch.topk(fresh, 2).values
+    assert divergence.top2_gap != pytest.approx(float(fresh_values[0] - fresh_values[1]))  # what a prefill says
+
+
+def test_top2_recorder_keeps_the_top2_of_each_forward_that_chooses_a_token():
+    from conftest import tiny_loaded
+
+    target = tiny_loaded().target
+    recorder = Top2Recorder(target)
+    assert recorder.vocab_size == target.vocab_size  # every other attribute is the target's
+    session = recorder.new_session(32)
+    first = session.prefill([1, 2, 3])
+    out = session.verify(int(first.argmax()), DraftTree.empty())
+    expected = [torch.topk(first, 2), torch.topk(out.logits[0], 2)]
+    top2 = recorder.take()
+    assert [(t.top1, t.top2) for t in top2] == [tuple(e.indices.tolist()) for e in expected]
+    assert [t.gap for t in top2] == pytest.approx([float(e.values[0] - e.values[1]) for e in expected])
+    assert recorder.take() == [] and recorder.seconds > 0
+    recorder.reset()
+    assert recorder.seconds == 0.0
+    with pytest.raises(ValueError, match="plain decoding only"):
+        session.verify(int(first.argmax()), DraftTree.chain([4]))
 
 
 # ---------------------------------------------------------------- report
@@ -466,8 +575,8 @@ def test_run_bench_with_fakes_end_to_end(tmp_path):
         ScriptedRunner("spec", echo, 0.01, tau=2.0),
         ScriptedRunner("hf", diverging, 0.02),
     ]
-    report = run_bench(None, questions, runners=runners, conversation=WordConversation(),
-                       gap_fn=lambda ctx: (0.5, 1, 2), max_new_tokens=6, settings={"model": "fake"})
+    report = run_bench(None, questions, runners=runners, conversation=WordConversation(), max_new_tokens=6,
+                       settings={"model": "fake"})
     data = report.to_json()
     assert data["max_new_tokens"] == 6 and data["temperature"] == 0.0 and data["model"] == "fake"
     assert data["methods"]["spec"]["speedup"] == pytest.approx(2.0)

@@ -2,8 +2,10 @@
 
 - :mod:`~quickdraft.bench.dataset`: Spec-Bench reader, task groups, the built-in prompt set;
 - :mod:`~quickdraft.bench.runners`: one timed runner per method (ar, drafters, hf, hf-pld, hf-assisted, llamacpp);
-- :mod:`~quickdraft.bench.harness`: warm-up and the interleaved loop (multi-turn handling);
+- :mod:`~quickdraft.bench.harness`: warm-up and the interleaved loop (a seeded method order per question,
+  multi-turn handling);
 - :mod:`~quickdraft.bench.metrics`: tokens/s, speedup, tau, per task group;
+- :mod:`~quickdraft.bench.top2`: the top-2 logits ar decoded with, recorded as it decodes;
 - :mod:`~quickdraft.bench.divergence`: token-for-token comparison with ar, top-2 logit gaps;
 - :mod:`~quickdraft.bench.report`: JSON, rich table, speedup plot;
 - :mod:`~quickdraft.bench.run`: :func:`run_bench`, the programmatic entry;

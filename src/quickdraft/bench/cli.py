@@ -67,7 +67,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per answer (default: 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with temperature > 0 (default: 1)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of sampling and of the shuffled method order per question (default: 0)")
     parser.add_argument("--draft-model", metavar="PATH", default=None, help="draft model for hf-assisted")
     parser.add_argument("--drafter-option", metavar="[METHOD:]KEY=VALUE", action="append", default=[],
                         help="option for a drafter method (repeatable); without METHOD: for every drafter method. "
@@ -181,7 +182,6 @@ def _bench(args: argparse.Namespace) -> int:
     settings = {
         "dataset": args.dataset or "built-in",
         "per_category": args.per_category,
-        "method_order": methods,
         "command": list(getattr(args, "argv", None) or sys.argv),
     }
     with _progress_bar(console, "building methods", count_generations(questions, len(methods))) as step:

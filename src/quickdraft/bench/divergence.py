@@ -1,11 +1,12 @@
 """Losslessness report: every method's tokens against the baseline ``ar``'s, generation by generation.
 
 For each generation whose tokens differ from ``ar``'s on the same prompt, the report gives the first
-position where they differ and the target's top-2 logit gap there: the difference between the two largest
-logits the target assigns at that position, computed by one target forward over prompt + ``ar``'s tokens
-before the position. A tiny gap means the two choices were nearly tied, so a rounding difference between a
-one-row and a many-row forward can flip it (a numerical near-tie, not a verification bug); a large gap at a
-greedy divergence points at a real bug.
+position where they differ and the target's top-2 logit gap there: the largest logit minus the second
+largest in the forward with which ``ar`` itself chose its token at that position, recorded while ``ar``
+decoded (:mod:`quickdraft.bench.top2`; no forward is run for the report). A tiny gap means the two choices
+were nearly tied, so a rounding difference between a one-row and a many-row forward can flip it (a numerical
+near-tie, not a verification bug); a large gap at a greedy divergence points at a real bug. The gap is
+``None`` where ``ar``'s output carries no recording (a runner that does not record).
 
 With sampling (temperature > 0) methods draw different random numbers, so outputs may differ even when
 every method samples exactly the target distribution: the count is then informative only, not a test.
@@ -13,17 +14,13 @@ every method samples exactly the target distribution: the count is then informat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
 from quickdraft.bench.harness import BenchRun
-from quickdraft.bench.runners import engine_target
-
-#: context ids -> (top-1 logit minus top-2 logit, top-1 token, top-2 token) of the next position.
-GapFn = Callable[[list[int]], tuple[float, int, int]]
+from quickdraft.bench.runners import MethodOutput
+from quickdraft.bench.top2 import Top2
 
 
 @dataclass(frozen=True)
@@ -68,27 +65,20 @@ def first_divergence(baseline: Sequence[int], other: Sequence[int]) -> int | Non
     return min(len(baseline), len(other))
 
 
-def compare_to_baseline(run: BenchRun, gap_fn: GapFn | None = None) -> dict[str, Comparison]:
-    """A :class:`Comparison` per method (the baseline compares with itself); ``gap_fn`` fills the gaps."""
+def compare_to_baseline(run: BenchRun) -> dict[str, Comparison]:
+    """A :class:`Comparison` per method (the baseline compares with itself), with ``ar``'s recorded gaps."""
     baseline = run.outputs(run.baseline)
-    gap_cache: dict[tuple, tuple[float, int, int]] = {}
     result: dict[str, Comparison] = {m: Comparison() for m in run.methods}
     for record in run.records:
-        key = (record.question_id, record.turn)
-        reference = baseline[key].token_ids
+        reference = baseline[(record.question_id, record.turn)]
         tokens = record.output.token_ids
         comparison = result[record.method]
         comparison.total += 1
-        position = first_divergence(reference, tokens)
+        position = first_divergence(reference.token_ids, tokens)
         if position is None:
             comparison.identical += 1
             continue
-        gap = top1 = top2 = None
-        if gap_fn is not None:
-            cache_key = (key, position)
-            if cache_key not in gap_cache:
-                gap_cache[cache_key] = gap_fn(list(run.prompts[key]) + list(reference[:position]))
-            gap, top1, top2 = gap_cache[cache_key]
+        top2 = recorded_top2(reference, position)
         comparison.divergences.append(
             Divergence(
                 method=record.method,
@@ -96,45 +86,18 @@ def compare_to_baseline(run: BenchRun, gap_fn: GapFn | None = None) -> dict[str,
                 group=record.group,
                 turn=record.turn,
                 position=position,
-                baseline_token=reference[position] if position < len(reference) else None,
+                baseline_token=reference.token_ids[position] if position < len(reference.token_ids) else None,
                 method_token=tokens[position] if position < len(tokens) else None,
-                top2_gap=gap,
-                top1_token=top1,
-                top2_token=top2,
+                top2_gap=top2.gap if top2 else None,
+                top1_token=top2.top1 if top2 else None,
+                top2_token=top2.top2 if top2 else None,
             )
         )
     return result
 
 
-def top2_gap_of(logits: torch.Tensor) -> tuple[float, int, int]:
-    """(top-1 minus top-2 logit, top-1 token, top-2 token) of a ``[V]`` logit vector."""
-    values, indices = torch.topk(logits.float().reshape(-1), 2)
-    return float(values[0] - values[1]), int(indices[0]), int(indices[1])
-
-
-def engine_gap_fn(engine: Any) -> GapFn:
-    """A :data:`GapFn` that runs one forward of the engine's target model over the context.
-
-    It uses the engine's own target (a :class:`~quickdraft.models.base.TargetModel`, see
-    :func:`~quickdraft.bench.runners.engine_target`) where the engine exposes one, so the logits are those
-    the engine decodes with; otherwise the transformers model ``engine.hf_model``.
-    """
-    target = engine_target(engine)
-
-    def via_target(context: list[int]) -> tuple[float, int, int]:
-        session = target.new_session(len(context) + 8)
-        try:
-            with torch.inference_mode():
-                logits = session.prefill(context)
-        finally:
-            session.close()
-        return top2_gap_of(logits)
-
-    def via_hf(context: list[int]) -> tuple[float, int, int]:
-        model = engine.hf_model
-        ids = torch.tensor([context], dtype=torch.long, device=model.device)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
-        return top2_gap_of(logits)
-
-    return via_target if target is not None and hasattr(target, "new_session") else via_hf
+def recorded_top2(output: MethodOutput, position: int) -> Top2 | None:
+    """The top-2 logits recorded in ``output``'s generation at ``position``; None if not recorded."""
+    if output.top2 is None or position >= len(output.top2):
+        return None
+    return output.top2[position]

@@ -4,8 +4,9 @@ The JSON report (``quickdraft bench --json OUT``)::
 
     {"model": path, "dtype": "bfloat16", "device": "cpu", "hardware": {...},
      "max_new_tokens": int, "temperature": float, "top_p", "top_k", "min_p", "seed",
-     "questions": int, "baseline": "ar", "dataset", "per_category", "method_order", "command": argv,
+     "questions": int, "baseline": "ar", "dataset", "per_category", "command": argv,
      "groups": [task groups in order],
+     "run_order": [{"question_id", "methods": [method names in the order they ran on that question]}],
      "methods": {name: {
          "tokens_per_s": aggregate new tokens / seconds, "speedup": vs ar, "mean_accepted": tau or null,
          "identical": generations equal to ar's token for token, "total": generations compared,
@@ -86,6 +87,8 @@ class BenchReport:
         payload = dict(self.settings)
         payload.setdefault("baseline", self.run.baseline)
         payload["groups"] = self.groups
+        payload["run_order"] = [{"question_id": q, "methods": list(order)}
+                                for q, order in self.run.run_orders.items()]
         payload["methods"] = methods
         return payload
 

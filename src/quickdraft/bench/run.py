@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from quickdraft.bench.dataset import Question
-from quickdraft.bench.divergence import GapFn, compare_to_baseline, engine_gap_fn
+from quickdraft.bench.divergence import compare_to_baseline
 from quickdraft.bench.harness import Conversation, EngineConversation, run_loop
 from quickdraft.bench.metrics import aggregate
 from quickdraft.bench.report import BenchReport, hardware_info, source_revision
@@ -45,12 +45,11 @@ def run_bench(
     settings: dict[str, Any] | None = None,
     runners: Sequence[MethodRunner] | None = None,
     conversation: Conversation | None = None,
-    gap_fn: GapFn | None = None,
 ) -> BenchReport:
     """Benchmark ``methods`` on ``questions`` with one loaded ``engine`` and return the report.
 
-    ``methods``: ``"ar,hf,ngram"`` or a list; ``ar`` is always run (first) as the baseline. Tests (or other
-    callers) may pass ready ``runners``, a ``conversation`` and a ``gap_fn`` instead of an engine.
+    ``methods``: ``"ar,hf,ngram"`` or a list; ``ar`` is always run, as the baseline. Tests (or other callers)
+    may pass ready ``runners`` and a ``conversation`` instead of an engine.
     ``drafter_options`` maps a drafter method's name to its options.
     """
     if not questions:
@@ -72,8 +71,6 @@ def run_bench(
         if engine is None:
             raise InvalidRequestError("run_bench needs an engine or a conversation")
         conversation = EngineConversation(engine)
-    if gap_fn is None and engine is not None:
-        gap_fn = engine_gap_fn(engine)
     # The source revision is read before measuring: the code that runs is the code loaded at the start.
     full_settings: dict[str, Any] = engine_settings(engine) if engine is not None else {}
     run = run_loop(
@@ -96,4 +93,4 @@ def run_bench(
         baseline=run.baseline,
     )
     full_settings.update(settings or {})
-    return BenchReport(run, aggregate(run), compare_to_baseline(run, gap_fn), full_settings)
+    return BenchReport(run, aggregate(run), compare_to_baseline(run), full_settings)

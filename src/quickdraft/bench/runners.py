@@ -6,7 +6,10 @@ synchronisation on each side) covers prefill and decode and nothing else. Every 
 tokens up to but excluding the first end-of-sequence token.
 
 - ``ar`` and every drafter: :class:`EngineRunner`, an :class:`~quickdraft.engine.Engine` of its own (made
-  with ``engine.with_drafter``, so all share one loaded target model but no drafter state);
+  with ``engine.with_drafter``, so all share one loaded target model but no drafter state). ``ar``'s engine
+  (:func:`recording_engine`) sees the target through a :class:`~quickdraft.bench.top2.Top2Recorder`, which
+  records the top-2 logits of each of its forwards for the divergence report; the host time spent recording
+  is left out of ``ar``'s seconds;
 - ``hf``, ``hf-pld``, ``hf-assisted``: :class:`HFRunner`, transformers ``generate`` on the engine's own
   transformers model (plain, ``prompt_lookup_num_tokens=10``, or with ``assistant_model``);
 - ``llamacpp``: :class:`LlamaCppRunner`, llama-cpp-python's plain decoding of the same GGUF file.
@@ -17,11 +20,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from quickdraft.bench.top2 import Top2, Top2Recorder
+from quickdraft.engine import Engine
 from quickdraft.errors import InvalidRequestError
 from quickdraft.types import SamplingParams
 
@@ -37,7 +43,9 @@ class MethodOutput:
 
     ``target_forwards``/``committed_tokens``/``drafted_tokens`` are known for quickdraft's own methods and
     ``None`` for peers (their tau is not observable). ``draft_seconds`` is the time spent drafting, when the
-    engine reports it.
+    engine reports it. ``top2[i]`` is the target's :class:`~quickdraft.bench.top2.Top2` in the forward that
+    chose token ``i`` (one entry more than ``token_ids`` where the output ended at end of sequence: the forward
+    that chose it); recorded for ``ar`` only, ``None`` otherwise.
     """
 
     token_ids: list[int]
@@ -46,6 +54,7 @@ class MethodOutput:
     committed_tokens: int | None = None
     drafted_tokens: int | None = None
     draft_seconds: float | None = None
+    top2: list[Top2] | None = None
 
     @property
     def new_tokens(self) -> int:
@@ -107,14 +116,21 @@ def eos_token_ids(tokenizer: Any, hf_model: Any = None) -> list[int]:
 
 
 class EngineRunner:
-    """quickdraft's own decoding (``ar``) or one drafter, on an Engine owned by this runner."""
+    """quickdraft's own decoding (``ar``) or one drafter, on an Engine owned by this runner.
 
-    def __init__(self, name: str, engine: Any) -> None:
+    With a ``recorder`` (the engine's target, wrapped: :func:`recording_engine`) each output carries the
+    recorded top-2 logits, and the time spent recording them is not counted in its seconds.
+    """
+
+    def __init__(self, name: str, engine: Any, recorder: Top2Recorder | None = None) -> None:
         self.name = name
         self.engine = engine
+        self.recorder = recorder
 
     def run(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams) -> MethodOutput:
         device = getattr(self.engine, "device", None)
+        if self.recorder:
+            self.recorder.reset()
         _sync(device)
         start = time.perf_counter()
         result = self.engine.generate_ids(list(prompt_ids), max_new_tokens, params)
@@ -123,12 +139,20 @@ class EngineRunner:
         stats = result.stats
         return MethodOutput(
             token_ids=list(result.token_ids),
-            seconds=seconds,
+            seconds=seconds - (self.recorder.seconds if self.recorder else 0.0),
             target_forwards=stats.target_forwards,
             committed_tokens=stats.new_tokens,
             drafted_tokens=stats.drafted_tokens,
             draft_seconds=getattr(stats, "draft_seconds", None),
+            top2=self.recorder.take() if self.recorder else None,
         )
+
+
+def recording_engine(engine: Engine) -> tuple[Engine, Top2Recorder]:
+    """A plain-decoding Engine on ``engine``'s loaded model whose target is wrapped in a
+    :class:`~quickdraft.bench.top2.Top2Recorder`, and that recorder."""
+    recorder = Top2Recorder(engine.loaded.target)
+    return Engine(replace(engine.loaded, target=recorder)), recorder
 
 
 class HFRunner:
@@ -356,7 +380,7 @@ def build_runners(
     eos = engine_eos_ids(engine)
     for name in methods:
         if name == BASELINE:
-            runners.append(EngineRunner(name, engine.with_drafter(None)))
+            runners.append(EngineRunner(name, *recording_engine(engine)))
         elif name == "hf":
             runners.append(HFRunner(name, engine.hf_model, engine.tokenizer, eos_ids=eos))
         elif name == "hf-pld":
