@@ -1,7 +1,18 @@
 """Verification: greedy acceptance, and the statistical proof that rejection sampling keeps the target
-distribution (chains and trees, point-mass and probabilistic drafts, with sampling filters)."""
+distribution, with the proof that this proof can fail.
 
-import itertools
+The statistical tests run a toy Markov "language" (see :class:`Language`) and compare the first two tokens the
+verifier emits after a fixed start token with the target's exact pair distribution. A *family* is a kind of drafter:
+probabilistic drafts (``draft_probs`` recorded) as a chain or as a tree of i.i.d. siblings, and deterministic drafts
+(point masses) correlated with the target, as a chain or as a tree of siblings. The real verifier must pass every
+family under every sampling filter; each mutant of ``verify_mutants.py`` (one planted bug) must fail at least one
+family where its bug matters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -11,8 +22,16 @@ from scipy.stats import chisquare
 from quickdraft.sampling import probabilities
 from quickdraft.types import DraftTree, SamplingParams
 from quickdraft.verify import verify_greedy, verify_sampling, verify_typical_lossy
+from verify_mutants import MUTANTS, Mutant, Verifier
 
-V = 4
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The test machine's cores are shared: on tiny tensors one torch thread is many times faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def one_hot_logits(rows: list[int], vocab: int = 8) -> torch.Tensor:
@@ -42,134 +61,241 @@ def test_greedy_with_empty_tree_is_plain_decoding():
     assert result.tokens == [6] and result.accepted_nodes == []
 
 
-# --- A Markov "language": the target's and the drafter's next-token distributions depend on the last token.
 
-def markov_tables(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+# --- A Markov "language" and its drafters.
+
+VOCAB = 5
+START = 0  # the last committed token before the two tokens each run emits
+
+
+@dataclass(frozen=True)
+class Language:
+    """A toy language whose next-token distributions depend only on the last token.
+
+    ``target_logits[a]`` are the target model's logits after token ``a``; ``target[a]`` and ``drafter[a]`` are the
+    distributions the target and the draft model sample from after ``a`` under the request's ``SamplingParams``
+    (the same filters apply to both, as in the engine)."""
+
+    target_logits: torch.Tensor
+    target: torch.Tensor
+    drafter: torch.Tensor
+
+
+def markov_language(params: SamplingParams, seed: int = 1) -> Language:
+    """Random target logits, and a draft model whose logits are the target's plus noise (related but wrong)."""
     generator = torch.Generator().manual_seed(seed)
-    target_logits = torch.randn(V, V, generator=generator) * 1.5
-    draft_logits = target_logits + torch.randn(V, V, generator=generator) * 1.5  # a related but wrong model
-    return target_logits, torch.softmax(draft_logits, dim=-1)
+    target_logits = torch.randn(VOCAB, VOCAB, generator=generator) * 1.5
+    draft_logits = target_logits + torch.randn(VOCAB, VOCAB, generator=generator)
+    return Language(target_logits, probabilities(target_logits, params), probabilities(draft_logits, params))
 
 
-def draft_chain(last: int, q: torch.Tensor, depth: int, generator: torch.Generator) -> DraftTree:
+Proposer = Callable[[int, Language, np.random.Generator], DraftTree]
+
+
+def draw(distribution: torch.Tensor, rng: np.random.Generator) -> int:
+    """One token from ``distribution`` by inverting its cumulative sum (cheaper than torch.multinomial)."""
+    cumulative = np.cumsum(distribution.numpy(), dtype=np.float64)
+    return min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), VOCAB - 1)
+
+
+def sampled_chain(last: int, language: Language, rng: np.random.Generator, depth: int = 3) -> DraftTree:
+    """A draft model's chain: each token drawn from the drafter's distribution after the one before."""
     tokens, rows = [], []
     for _ in range(depth):
-        probs = q[last]
-        last = int(torch.multinomial(probs, 1, generator=generator))
+        rows.append(language.drafter[last])
+        last = draw(rows[-1], rng)
         tokens.append(last)
-        rows.append(probs)
     return DraftTree.chain(tokens, torch.stack(rows))
 
 
-def draft_iid_tree(last: int, q: torch.Tensor, width: int, generator: torch.Generator) -> DraftTree:
-    """``width`` i.i.d. samples from q as root children, each with one i.i.d. child of its own."""
-    tokens, parents, rows = [], [], []
-    for _ in range(width):
-        first = int(torch.multinomial(q[last], 1, generator=generator))
-        tokens.append(first), parents.append(-1), rows.append(q[last])
-    for node in range(width):
-        second = int(torch.multinomial(q[tokens[node]], 1, generator=generator))
-        tokens.append(second), parents.append(node), rows.append(q[tokens[node]])
-    return DraftTree(torch.tensor(tokens), torch.tensor(parents), torch.stack(rows))
+def sampled_tree(last: int, language: Language, rng: np.random.Generator, width: int = 3) -> DraftTree:
+    """``width`` i.i.d. draws from the drafter as the root's children, each with one drawn child of its own."""
+    firsts = [draw(language.drafter[last], rng) for _ in range(width)]
+    seconds = [draw(language.drafter[first], rng) for first in firsts]
+    rows = [language.drafter[last]] * width + [language.drafter[first] for first in firsts]
+    parents = [-1] * width + list(range(width))
+    return DraftTree(torch.tensor(firsts + seconds), torch.tensor(parents), torch.stack(rows))
 
 
-def point_mass_tree(last: int, generator: torch.Generator) -> DraftTree:
-    """Deterministic guesses: three distinct root children, the first with two children."""
-    order = torch.randperm(V, generator=generator).tolist()
-    sub = torch.randperm(V, generator=generator).tolist()
-    return DraftTree.from_paths([[order[0], sub[0]], [order[0], sub[1]], [order[1]], [order[2]]])
+def argmax_chain(last: int, language: Language, rng: np.random.Generator, depth: int = 3) -> DraftTree:
+    """Point masses: the chain of the target's most likely tokens (a drafter that knows the target well)."""
+    tokens = []
+    for _ in range(depth):
+        last = int(language.target[last].argmax())
+        tokens.append(last)
+    return DraftTree.chain(tokens)
 
 
-def tree_logits(last: int, tree: DraftTree, target_logits: torch.Tensor) -> torch.Tensor:
-    rows = [last] + tree.tokens.tolist()
-    return target_logits[torch.tensor(rows)]
+def mostly_right_chain(last: int, language: Language, rng: np.random.Generator, depth: int = 3) -> DraftTree:
+    """Point masses: each token is the target's most likely one with probability 3/4, else another one chosen
+    uniformly (a drafter that is right most of the time)."""
+    tokens = []
+    for _ in range(depth):
+        best = int(language.target[last].argmax())
+        last = best if rng.random() < 0.75 else (best + int(rng.integers(1, VOCAB))) % VOCAB
+        tokens.append(last)
+    return DraftTree.chain(tokens)
 
 
-def generate_two(start: int, target_logits, propose, params, generator) -> tuple[int, int]:
-    tokens = [start]
-    while len(tokens) < 3:
-        tree = propose(tokens[-1], generator)
-        result = verify_sampling(tree, tree_logits(tokens[-1], tree, target_logits), params, generator)
-        tokens.extend(result.tokens)
-    return tokens[1], tokens[2]
+def top_k_tree(last: int, language: Language, rng: np.random.Generator) -> DraftTree:
+    """Point masses: the target's 3 most likely tokens as siblings, each followed by its 2 most likely ones
+    (under a top-k or top-p filter some of them lie outside the target's support)."""
+    paths = []
+    for first in language.target[last].topk(3).indices.tolist():
+        paths += [[first, second] for second in language.target[first].topk(2).indices.tolist()]
+    return DraftTree.from_paths(paths)
 
 
-def exact_pair_distribution(start: int, target_logits, params) -> np.ndarray:
-    probs = probabilities(target_logits, params)
-    return np.array([float(probs[start, a] * probs[a, b]) for a, b in itertools.product(range(V), repeat=2)])
+FAMILIES: dict[str, Proposer] = {
+    "chain-probabilistic": sampled_chain,
+    "tree-iid-probabilistic": sampled_tree,
+    "chain-point-mass-argmax": argmax_chain,
+    "chain-point-mass-mostly-right": mostly_right_chain,
+    "tree-point-mass-top-k": top_k_tree,
+}
+PROBABILISTIC = ("chain-probabilistic", "tree-iid-probabilistic")
+POINT_MASS = ("chain-point-mass-argmax", "chain-point-mass-mostly-right", "tree-point-mass-top-k")
+WITH_SIBLINGS = ("tree-iid-probabilistic", "tree-point-mass-top-k")
 
 
-def empirical_pair_distribution(samples: list[tuple[int, int]]) -> np.ndarray:
-    counts = np.zeros(V * V)
-    for a, b in samples:
-        counts[a * V + b] += 1
-    return counts
+# --- The statistical test: emitted token pairs against the target's exact pair distribution.
+
+SAMPLES = 2000  # runs per (verifier, family, params): see the power measured for the planted bugs below
+P_VALUE_THRESHOLD = 1e-4  # per test: the 30 tests of the real verifier raise a false alarm for ~0.3% of seeds
 
 
-PARAMS = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.3, top_k=3)]
+def first_two_tokens(verifier: Verifier, propose: Proposer, language: Language, params: SamplingParams,
+                     rng: np.random.Generator, generator: torch.Generator) -> tuple[int, int]:
+    """Speculative decoding from ``START`` until two tokens are emitted (one or two verification steps)."""
+    emitted: list[int] = []
+    last = START
+    while len(emitted) < 2:
+        tree = propose(last, language, rng)
+        logits = language.target_logits[[last] + tree.tokens.tolist()]
+        emitted += verifier(tree, logits, params, generator).tokens
+        last = emitted[-1]
+    return emitted[0], emitted[1]
 
 
-CASES = [
-    ("chain-probabilistic", PARAMS[0]),
-    ("tree-iid-probabilistic", PARAMS[0]),
-    ("tree-point-mass", PARAMS[0]),
-    ("chain-probabilistic", PARAMS[1]),
-    ("tree-iid-probabilistic", PARAMS[2]),
-    ("tree-point-mass", PARAMS[1]),
-]
+@dataclass(frozen=True)
+class Verdict:
+    """How emitted (first, second) token pairs compare with the target's exact pair distribution.
+
+    ``p_value``: chi-square goodness of fit over the target's support, pooling the pairs expected fewer than 5
+    times into one cell; 0 when a pair outside the support was emitted. ``total_variation``: half the L1 distance
+    between the empirical and the exact distribution; ``tv_limit``: see :func:`total_variation_limit`."""
+
+    p_value: float
+    total_variation: float
+    tv_limit: float
+
+    @property
+    def detected(self) -> bool:
+        return self.p_value < P_VALUE_THRESHOLD or self.total_variation > self.tv_limit
+
+    def __str__(self) -> str:
+        return f"p={self.p_value:.1e} TV={self.total_variation:.3f} (limit {self.tv_limit:.3f})"
 
 
-@pytest.mark.parametrize("drafter, params", CASES, ids=[f"{d}-{i}" for i, (d, _) in enumerate(CASES)])
-def test_rejection_sampling_keeps_the_target_distribution(drafter, params):
-    target_logits, q = markov_tables(seed=1)
-    # the drafter proposes from the same filtered family of distributions it would use in the engine
-    q = probabilities(torch.log(q), params) if params.top_k or params.top_p < 1 else q
-    proposers = {
-        "chain-probabilistic": lambda last, g: draft_chain(last, q, 3, g),
-        "tree-iid-probabilistic": lambda last, g: draft_iid_tree(last, q, 3, g),
-        "tree-point-mass": point_mass_tree,
-    }
-    generator = torch.Generator().manual_seed(1234)
-    samples = [generate_two(0, target_logits, proposers[drafter], params, generator) for _ in range(4000)]
-    expected = exact_pair_distribution(0, target_logits, params)
-    observed = empirical_pair_distribution(samples)
-    support = expected > 0
-    assert observed[~support].sum() == 0, "a token outside the target's support was emitted"
-    statistic = chisquare(observed[support], expected[support] / expected[support].sum() * observed.sum())
-    # 1e-4 per test keeps the false-alarm rate of the whole statistical suite near 1e-3 for any seed;
-    # a biased verifier gives p-values far below it (see test_a_biased_verifier_is_detected).
-    assert statistic.pvalue > 1e-4, f"emitted tokens do not follow the target distribution: {statistic}"
-    total_variation = 0.5 * np.abs(observed / observed.sum() - expected).sum()
-    assert total_variation < 0.04
+def total_variation_limit(expected: np.ndarray, samples: int) -> float:
+    """A total variation that ``samples`` draws from ``expected`` exceed with probability below the threshold.
+
+    Its mean is at most ``0.5 * sum(sqrt(p (1 - p) / n))`` (Jensen), and one draw moves it by at most ``1 / n``,
+    so it exceeds its mean by ``t`` with probability at most ``exp(-2 n t**2)`` (McDiarmid)."""
+    mean_bound = 0.5 * np.sqrt(expected * (1 - expected) / samples).sum()
+    return float(mean_bound + np.sqrt(np.log(1 / P_VALUE_THRESHOLD) / (2 * samples)))
 
 
-def test_total_variation_shrinks_with_more_samples():
-    target_logits, q = markov_tables(seed=2)
-    params = SamplingParams(temperature=1.0)
-    generator = torch.Generator().manual_seed(7)
-    expected = exact_pair_distribution(0, target_logits, params)
-    samples = [generate_two(0, target_logits, lambda last, g: draft_chain(last, q, 2, g), params, generator)
-               for _ in range(4000)]
-    tv = [0.5 * np.abs(empirical_pair_distribution(samples[:n]) / n - expected).sum() for n in (100, 4000)]
-    assert tv[1] < tv[0] / 2.5
+def judge(counts: np.ndarray, expected: np.ndarray) -> Verdict:
+    """The :class:`Verdict` for pair ``counts`` against the exact pair distribution ``expected`` (flat arrays)."""
+    samples = int(counts.sum())
+    total_variation = 0.5 * np.abs(counts / samples - expected).sum()
+    tv_limit = total_variation_limit(expected, samples)
+    if counts[expected == 0].any():
+        return Verdict(0.0, total_variation, tv_limit)
+    common = expected * samples >= 5
+    observed = np.append(counts[common], counts[~common].sum())
+    predicted = np.append(expected[common], expected[~common].sum()) * samples
+    keep = predicted > 0
+    return Verdict(float(chisquare(observed[keep], predicted[keep]).pvalue), total_variation, tv_limit)
 
 
-def test_a_biased_verifier_is_detected():
-    """The same statistical check must fail for a verifier that is not lossless (typical acceptance)."""
-    target_logits, _ = markov_tables(seed=1)
-    params = SamplingParams(temperature=1.0)
-    generator = torch.Generator().manual_seed(5)
-    greedy_guess = lambda last, g: DraftTree.chain([int(target_logits[last].argmax())])
+def verdict(verifier: Verifier, family: str, params: SamplingParams, samples: int = SAMPLES, seed: int = 0) -> Verdict:
+    """Run ``verifier`` on drafts of ``family`` ``samples`` times and judge the emitted pairs."""
+    language = markov_language(params)
+    rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    counts = np.zeros(VOCAB * VOCAB)
+    for _ in range(samples):
+        first, second = first_two_tokens(verifier, FAMILIES[family], language, params, rng, generator)
+        counts[first * VOCAB + second] += 1
+    expected = (language.target[START][:, None] * language.target).flatten().double().numpy()
+    return judge(counts, expected / expected.sum())
 
-    def lossy_two():
-        tokens = [0]
-        while len(tokens) < 3:
-            tree = greedy_guess(tokens[-1], generator)
-            logits = tree_logits(tokens[-1], tree, target_logits)
-            tokens.extend(verify_typical_lossy(tree, logits, params, generator, epsilon=0.3, delta=0.9).tokens)
-        return tokens[1], tokens[2]
 
-    observed = empirical_pair_distribution([lossy_two() for _ in range(3000)])
-    expected = exact_pair_distribution(0, target_logits, params)
-    statistic = chisquare(observed, expected / expected.sum() * observed.sum())
-    assert statistic.pvalue < 1e-6
+BASE_PARAMS = SamplingParams(temperature=1.0)
+FILTERED_PARAMS = {
+    "T0.5": SamplingParams(temperature=0.5),
+    "T0.7-top_p0.9": SamplingParams(temperature=0.7, top_p=0.9),  # leaves one token after most tokens
+    "T2-top_k3": SamplingParams(temperature=2.0, top_k=3),
+    "T1.5-top_k4-top_p0.9": SamplingParams(temperature=1.5, top_k=4, top_p=0.9),
+    "T1.5-min_p0.1": SamplingParams(temperature=1.5, min_p=0.1),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("params", FILTERED_PARAMS.values(), ids=FILTERED_PARAMS)
+def test_rejection_sampling_keeps_the_target_distribution_under_sampling_filters(family, params):
+    result = verdict(verify_sampling, family, params)
+    assert not result.detected, f"emitted tokens do not follow the target distribution: {result}"
+
+
+# The families whose drafts exercise each mutant's bug (see verify_mutants.py): there it must be detected.
+ALL_FAMILIES = tuple(FAMILIES)
+MUTANT_FAMILIES = {
+    "always-accept": ALL_FAMILIES,
+    "bonus-from-target-not-residual": ALL_FAMILIES,
+    "sibling-tested-against-original-p": WITH_SIBLINGS,
+    "rejected-siblings-return-to-residual": WITH_SIBLINGS,
+    "draft-probs-at-another-temperature": PROBABILISTIC,
+    "target-row-off-by-one": ALL_FAMILIES,
+    "point-mass-residual-skipped": POINT_MASS,
+}
+# Each verifier with the families that must detect it; the real one has none and must pass them all.
+VERIFIERS: dict[str, tuple[Verifier, tuple[str, ...]]] = {
+    "lossless (verify_sampling)": (verify_sampling, ()),
+    **{mutant.name: (mutant.verifier(), MUTANT_FAMILIES[mutant.name]) for mutant in MUTANTS},
+    "typical-acceptance (lossy by design)": (verify_typical_lossy, ALL_FAMILIES),
+}
+
+
+@pytest.mark.parametrize("name", VERIFIERS)
+def test_each_planted_bug_is_detected_and_the_real_verifier_passes(name):
+    """Every statistical family runs against every verifier (at temperature 1, no filter). Measured power: over
+    seeds 0-4 at 2000 samples, the weakest required detection (rejected-siblings-return-to-residual on
+    tree-iid-probabilistic) had p <= 3e-15 (TV >= 0.10, limit 0.084), every other one p <= 1e-29; at 1000 samples
+    that weakest one still had p <= 3e-8. The real verifier's p-values were all >= 0.02."""
+    verifier, must_detect = VERIFIERS[name]
+    verdicts = {family: verdict(verifier, family, BASE_PARAMS) for family in FAMILIES}
+    report = "\n".join(f"  {family}: {result}{' DETECTED' if result.detected else ''}"
+                       for family, result in verdicts.items())
+    detected = {family for family, result in verdicts.items() if result.detected}
+    if must_detect:
+        assert detected >= set(must_detect), f"{name} escaped a family that exercises its bug:\n{report}"
+    else:
+        assert not detected, f"{name} failed a statistical family:\n{report}"
+
+
+def test_a_mutant_that_changes_nothing_is_the_real_verifier():
+    """The mutation machinery plants nothing but its one line: rebuilt with that line unchanged, a mutant emits
+    exactly what verify_sampling emits, draw for draw."""
+    line = "p = _residual(p, q)"
+    unchanged = Mutant("unchanged", line, line).verifier()
+    assert unchanged is not verify_sampling
+    language = markov_language(BASE_PARAMS)
+    for family, propose in FAMILIES.items():
+        runs = []
+        for verifier in (verify_sampling, unchanged):
+            rng, generator = np.random.default_rng(3), torch.Generator().manual_seed(3)
+            runs.append([first_two_tokens(verifier, propose, language, BASE_PARAMS, rng, generator)
+                         for _ in range(100)])
+        assert runs[0] == runs[1], family
