@@ -1,5 +1,6 @@
 """End-to-end checks on the real embedded model (SmolLM2-135M-Instruct, float32)."""
 
+import os
 import subprocess
 import sys
 
@@ -181,10 +182,10 @@ def test_cli_demo_compares_plain_and_speculative_decoding(dtype):
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"embedded model, {dtype}, 3 prompts" in done.stdout
     rows = {line.split("│")[1].strip(): line for line in done.stdout.splitlines() if line.count("│") > 4}
-    assert set(rows) == {"ar", "ngram"}
+    assert set(rows) == {"ar", "suffix", "auto"}
     if dtype == "float32":
-        assert "3/3" in rows["ngram"]
-    elif "3/3" not in rows["ngram"]:
+        assert "3/3" in rows["suffix"] and "3/3" in rows["auto"]
+    elif "3/3" not in rows["suffix"] or "3/3" not in rows["auto"]:
         assert "near-tie" in done.stdout
 
 
@@ -226,3 +227,20 @@ def test_cli_index_builds_a_datastore_and_rejects_bad_corpora(tmp_path):
     for bad, fragment in ((empty, "is empty"), (binary, "binary"), (tmp_path / "missing.txt", "does not exist")):
         done = run_cli("index", str(bad), "-o", str(tmp_path / "x.npz"))
         assert done.returncode == 2 and fragment in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_generate_loads_from_the_cache_quietly_the_second_time(tmp_path):
+    """The first load of the embedded GGUF converts it and says so; a second process reads the cache (no
+    GGUF parse, no message, no progress bar) and writes the same text. Uses a private cache folder."""
+    env = {**os.environ, "QUICKDRAFT_CACHE": str(tmp_path / "cache")}
+    args = ["generate", "--prompt", PROMPTS[1], "--max-new-tokens", "16", "--dtype", "float32"]
+    runs = [subprocess.run([sys.executable, "-m", "quickdraft.cli", *args], capture_output=True, text=True,
+                           timeout=600, env=env) for _ in range(2)]
+    assert all(run.returncode == 0 for run in runs), runs[0].stderr + runs[1].stderr
+    assert "caching it" in runs[0].stderr and "caching it" not in runs[1].stderr
+    assert "Converting" not in runs[1].stderr and "Loading weights" not in runs[1].stderr
+    assert runs[0].stdout == runs[1].stdout
+    assert "drafter auto" in runs[1].stderr
+    listed = subprocess.run([sys.executable, "-m", "quickdraft.cli", "cache", "ls"], capture_output=True,
+                            text=True, timeout=600, env=env).stdout
+    assert "model" in listed and "cost-curve" in listed and "float32 dense" in listed
