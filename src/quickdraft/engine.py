@@ -27,6 +27,7 @@ from quickdraft.detok import TextAssembler
 from quickdraft.errors import InvalidRequestError
 from quickdraft.models.base import TREE, TargetSession
 from quickdraft.models.loading import LoadedModel, load_model
+from quickdraft.models.quantized import DEFAULT_WEIGHTS
 from quickdraft.sampling import choose, make_generator
 from quickdraft.types import DraftTree, GenerationResult, GenerationStats, SamplingParams
 from quickdraft.verify import verify_sampling
@@ -96,10 +97,12 @@ class Engine:
         device: str | None = None,
         drafter_options: dict[str, Any] | None = None,
         draft_budget: int | None = None,
+        weights: str = DEFAULT_WEIGHTS,
     ) -> Engine:
-        """Load ``model`` (None: the embedded default) and build ``drafter`` (None or "none": plain decoding)."""
+        """Load ``model`` (None: the embedded default) and build ``drafter`` (None or "none": plain decoding).
+        ``weights``: dense, int8, int4 or auto (:mod:`quickdraft.models.quantized`)."""
         check_drafter(drafter, drafter_options)
-        loaded = load_model(model, dtype=dtype, device=device)
+        loaded = load_model(model, dtype=dtype, device=device, weights=weights)
         return cls(loaded, _build_drafter(loaded, drafter, drafter_options), draft_budget)
 
     def with_drafter(self, drafter: str | None, drafter_options: dict[str, Any] | None = None,

@@ -25,7 +25,8 @@ bfloat16: one call of the fused 3072 x 576 gate/up weight at 1 / 8 / 16 rows 0.1
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -46,34 +47,55 @@ def prepacking_available(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-class FusedLinear:
-    """One or more ``torch.nn.Linear`` layers that read the same input, computed as one matmul.
+class StackedLinear:
+    """One or more ``torch.nn.Linear`` layers that read the same input, computed as one product with their
+    weights stacked (rows of the first layer, then of the next). Calling it returns one output per layer: a
+    tuple, or the tensor itself for a single layer.
 
-    ``weight`` is the layers' weights stacked: a prepacked copy where :func:`prepacking_available`, otherwise
-    the concatenated weights (a single layer's own weight, not a copy). Calling it returns one output per
-    layer: a tuple, or the tensor itself for a single layer."""
+    Subclasses hold the stacked weight in some form and compute the product in :meth:`_product`.
+    ``exact_rows`` is the widest product whose rows each equal, bit for bit, the same row computed alone
+    (None: any width, or no such promise where ``row_exact`` cannot help); a ``row_exact`` call wider than
+    that is computed in pieces of at most that many rows."""
+
+    exact_rows: int | None = None
+
+    def __init__(self, sizes: Sequence[int], bias: torch.Tensor | None) -> None:
+        self.sizes = list(sizes)
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor, row_exact: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """``x [..., rows, in]`` times the weight; ``row_exact``: each row bit for bit as if it came alone."""
+        limit = self.exact_rows
+        if row_exact and limit is not None and x.shape[-2] > limit:
+            out = torch.cat([self._product(piece) for piece in x.split(limit, dim=-2)], dim=-2)
+        else:
+            out = self._product(x)
+        if len(self.sizes) == 1:
+            return out
+        return out.split(self.sizes, dim=-1)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., rows, in]`` times the stacked weight, plus the bias: ``[..., rows, sum(sizes)]``."""
+        raise NotImplementedError
+
+
+class FusedLinear(StackedLinear):
+    """Dense stacked weights: a prepacked copy where :func:`prepacking_available`, otherwise the concatenated
+    weights (a single layer's own weight, not a copy) multiplied by ``F.linear``."""
 
     def __init__(self, layers: Sequence[torch.nn.Linear]) -> None:
         with torch.no_grad():
             weights = [layer.weight.detach() for layer in layers]
             weight = torch.cat(weights) if len(weights) > 1 else weights[0]
-            self.bias = _fused_bias(layers)
-        self.sizes = [layer.out_features for layer in layers]
+            super().__init__([layer.out_features for layer in layers], fused_bias(layers))
         self.prepacked = prepacking_available(weight)
+        self.exact_rows = ROW_INVARIANT_ROWS if self.prepacked else None
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if self.prepacked else weight
 
-    def __call__(self, x: torch.Tensor, row_exact: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """``x [..., rows, in]`` times the weight; ``row_exact``: each row bit for bit as if it came alone."""
-        if self.prepacked and row_exact and x.shape[-2] > ROW_INVARIANT_ROWS:
-            out = torch.cat([self._prepacked_product(piece) for piece in x.split(ROW_INVARIANT_ROWS, dim=-2)],
-                            dim=-2)
-        elif self.prepacked:
-            out = self._prepacked_product(x)
-        else:
-            out = F.linear(x, self.weight, self.bias)
-        if len(self.sizes) == 1:
-            return out
-        return out.split(self.sizes, dim=-1)
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.prepacked:
+            return F.linear(x, self.weight, self.bias)
+        return self._prepacked_product(x)
 
     def _prepacked_product(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` times the prepacked weight. A single row is computed as the first of two equal rows: for
@@ -85,7 +107,38 @@ class FusedLinear:
         return out[..., :1, :] if single else out
 
 
-def _fused_bias(layers: Sequence[torch.nn.Linear]) -> torch.Tensor | None:
+class WeightHolder(Protocol):
+    """How the native forward holds its weights: which :class:`StackedLinear` a group of layers becomes,
+    how tokens are embedded, and what of the transformers model it frees afterwards."""
+
+    def linear(self, layers: Sequence[torch.nn.Linear]) -> StackedLinear: ...
+
+    def embedding(self, table: torch.nn.Embedding, output: StackedLinear,
+                  tied: bool) -> Callable[[torch.Tensor], torch.Tensor]: ...
+
+    def release(self, hf_model: torch.nn.Module) -> None: ...
+
+
+class DenseWeights:
+    """How the native forward holds its weights by default: :class:`FusedLinear` for the linears and the
+    transformers model's own embedding table. The quantized counterpart is
+    :class:`quickdraft.models.quantized.QuantizedWeights`; both offer the same three methods."""
+
+    def linear(self, layers: Sequence[torch.nn.Linear]) -> StackedLinear:
+        """The layers (which read the same input) as one stacked product."""
+        return FusedLinear(layers)
+
+    def embedding(self, table: torch.nn.Embedding, output: StackedLinear, tied: bool) -> Callable[[torch.Tensor],
+                                                                                                torch.Tensor]:
+        """The token-embedding lookup; ``output`` is the output layer, which shares ``table``'s weight where
+        ``tied``."""
+        return table
+
+    def release(self, hf_model: torch.nn.Module) -> None:
+        """Free what the transformers model holds that the native forward no longer reads (nothing here)."""
+
+
+def fused_bias(layers: Sequence[torch.nn.Linear]) -> torch.Tensor | None:
     if all(layer.bias is None for layer in layers):
         return None
     parts = [layer.bias.detach() if layer.bias is not None

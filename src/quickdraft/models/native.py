@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from quickdraft.kv import StaticKVCache
 from quickdraft.models.base import HIDDEN_STATES, LAYER_SKIP, TREE, ForwardOutput, TargetModel, TargetSession
-from quickdraft.models.layouts import FusedLinear
+from quickdraft.models.layouts import DenseWeights, StackedLinear, WeightHolder
 from quickdraft.tree import (
     depth_first_order,
     reordered,
@@ -68,17 +68,25 @@ def attention_span(config: Any) -> int:
 class NativeCausalLM(TargetModel):
     """Wraps a loaded transformers Llama-family model; see the module docstring."""
 
-    def __init__(self, hf_model: torch.nn.Module) -> None:
+    def __init__(self, hf_model: torch.nn.Module, weights: WeightHolder | None = None) -> None:
+        """``weights``: how the linears and the embedding hold their weights (default :class:`DenseWeights`;
+        :class:`~quickdraft.models.quantized.QuantizedWeights` for int8/int4), which may free the transformers
+        model's own copies once it has taken them."""
         config = hf_model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"native forward supports {sorted(SUPPORTED_MODEL_TYPES)}, not {config.model_type}")
         self.hf_model = hf_model
         self.config = config
         self.layers = hf_model.model.layers
-        self.embed_tokens = hf_model.model.embed_tokens
         self.final_norm = hf_model.model.norm
-        self.output_projection = FusedLinear([hf_model.lm_head])
-        self.layer_linears = [_LayerLinears.of(layer) for layer in self.layers]
+        self.device = hf_model.lm_head.weight.device
+        holder = weights or DenseWeights()
+        table = hf_model.model.embed_tokens
+        self.output_projection = holder.linear([hf_model.lm_head])
+        self.layer_linears = [_LayerLinears.of(layer, holder) for layer in self.layers]
+        self.embed_tokens = holder.embedding(table, self.output_projection, hf_model.lm_head.weight is table.weight)
+        holder.release(hf_model)
+        self.dtype = self.final_norm.weight.dtype
         self.rotary = hf_model.model.rotary_emb
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -87,8 +95,6 @@ class NativeCausalLM(TargetModel):
         self.vocab_size = config.vocab_size
         self.max_context = attention_span(config)
         self.num_layers = config.num_hidden_layers
-        self.device = hf_model.lm_head.weight.device
-        self.dtype = hf_model.lm_head.weight.dtype
 
     def new_session(self, max_len: int) -> NativeSession:
         return NativeSession(self, max_len)
@@ -226,16 +232,16 @@ def _attention_call(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, a
 class _LayerLinears:
     """A decoder layer's linears, fused where they read the same input."""
 
-    qkv: FusedLinear
-    o: FusedLinear
-    gate_up: FusedLinear
-    down: FusedLinear
+    qkv: StackedLinear
+    o: StackedLinear
+    gate_up: StackedLinear
+    down: StackedLinear
 
     @classmethod
-    def of(cls, layer: torch.nn.Module) -> _LayerLinears:
+    def of(cls, layer: torch.nn.Module, weights: WeightHolder) -> _LayerLinears:
         attn, mlp = layer.self_attn, layer.mlp
-        return cls(FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj]), FusedLinear([attn.o_proj]),
-                   FusedLinear([mlp.gate_proj, mlp.up_proj]), FusedLinear([mlp.down_proj]))
+        return cls(weights.linear([attn.q_proj, attn.k_proj, attn.v_proj]), weights.linear([attn.o_proj]),
+                   weights.linear([mlp.gate_proj, mlp.up_proj]), weights.linear([mlp.down_proj]))
 
 
 @dataclass

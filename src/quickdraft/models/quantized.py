@@ -1,0 +1,398 @@
+"""Quantized weights for the native forward: int8 per output channel, and a GGUF file's own int4 groups.
+
+Terms:
+
+- *weights mode*: how the native forward holds its linear weights. ``dense`` (the transformers model's float
+  weights, prepacked where :mod:`quickdraft.models.layouts` can), ``int8``, ``int4``, or ``auto``
+  (:func:`holder_for`).
+- *int8 per output channel*: ``w[r, c] = scale[r] * code[r, c]`` with codes in -127..127 and
+  ``scale[r] = max |w[r, :]| / 127``, multiplied by ``torch._weight_int8pack_mm``. A re-quantization: it
+  changes the weights (by at most half a step, ``scale[r] / 2``).
+- *int4 group*: 32 weights of a row with one scale and one zero (:mod:`quickdraft.models.gguf_blocks`),
+  multiplied by ``torch._weight_int4pack_mm_for_cpu``. Only a GGUF file's Q4_0 / Q4_1 / Q4_K tensors become
+  int4 groups, code for code; ``int4`` holds every other linear (Q5/Q6/Q8/float tensors, or all of a dense
+  checkpoint) as int8 per output channel.
+- *activation dtype*: the dtype of the hidden states the kernels multiply (and of the scales, which the
+  kernels take in that dtype). Both kernels are fast with bfloat16 activations, also on CPUs without native
+  bfloat16, and several times slower with float32 ones, so ``dtype="auto"`` means bfloat16 here.
+
+Both kernels gave every row of a product of 1 to 200 rows bit for bit equal to the same row computed alone
+(AMX Xeon; 2 to 32 rows on an AVX2 EPYC), so quantized linears keep the native forward's row-exact
+verification with products of at most ``ROW_INVARIANT_ROWS`` rows. The output layer is quantized too; where
+it shares its weight with the token embedding (tied), the embedding reads rows of the same int8 table.
+
+The transformers model's float copies of the quantized weights are freed once packed (:meth:`release`):
+afterwards that model's linears raise if called; the native target is the model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quickdraft.models.gguf_blocks import GROUP, Int4Groups, int4_groups, INT4_TYPES
+from quickdraft.models.layouts import ROW_INVARIANT_ROWS, DenseWeights, FusedLinear, StackedLinear, WeightHolder, \
+    fused_bias
+
+WEIGHT_MODES = ("dense", "int8", "int4", "auto")
+DEFAULT_WEIGHTS = "dense"
+QUANTIZED_MODES = ("int8", "int4")
+AUTO_ROWS = (1, 4)
+
+log = logging.getLogger(__name__)
+_FASTEST: dict[tuple, str] = {}
+
+
+def check_weights(mode: str, device: torch.device) -> None:
+    """Raise ``ValueError`` for an unknown mode, or a quantized one on a device the kernels do not run on."""
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"unknown weights mode {mode!r}; choose {', '.join(WEIGHT_MODES)}")
+    if mode in QUANTIZED_MODES and device.type != "cpu":
+        raise ValueError(f"weights {mode!r} run on CPU only (PyTorch's CPU int8/int4 kernels), not {device.type}")
+
+
+def loading_dtype(mode: str, dense_dtype: torch.dtype) -> torch.dtype:
+    """The dtype to load the transformers model in: float32 for what may be quantized (int8 codes are then
+    computed from unrounded weights), else the dense dtype."""
+    return dense_dtype if mode == "dense" else torch.float32
+
+
+def holder_for(mode: str, path: Path, hf_model: torch.nn.Module, dtype_name: str,
+               dense_dtype: torch.dtype) -> WeightHolder:
+    """The :class:`WeightHolder` for weights ``mode`` of ``hf_model`` loaded from ``path`` (in
+    :func:`loading_dtype`). ``dtype_name`` is the dtype the user asked for: ``auto`` gives bfloat16
+    activations to quantized modes and ``dense_dtype`` to dense; anything else is used as asked.
+
+    ``auto`` on a GGUF file with int4 tensors picks whichever of ``dense`` and ``int4`` (the choices that keep
+    the file's own weights) runs a layer's linears and the output layer faster at 1 and 4 rows on this CPU,
+    measured once per process (:func:`fastest_mode`); on anything else, or off CPU, it is ``dense``."""
+    quantized_dtype = torch.bfloat16 if dtype_name == "auto" else dense_dtype
+    gguf = path.is_file() and path.suffix == ".gguf"
+    groups = gguf_int4_groups(path, hf_model) if gguf and mode in ("int4", "auto") else {}
+    if mode == "auto":
+        on_cpu = next(hf_model.parameters()).device.type == "cpu"
+        mode = fastest_mode(hf_model, groups, quantized_dtype, dense_dtype) if groups and on_cpu else "dense"
+        log.info("weights auto: %s", mode)
+    if mode == "dense":
+        _cast_parameters(hf_model, dense_dtype)
+        return DenseWeights()
+    return QuantizedWeights(quantized_dtype, groups if mode == "int4" else {})
+
+
+class QuantizedWeights:
+    """A :class:`~quickdraft.models.layouts.WeightHolder` of quantized linears: int4 groups for the layers in
+    ``groups`` (a GGUF file's 4-bit tensors, by module), int8 per output channel for every other linear and
+    the embedding, with ``dtype`` activations."""
+
+    def __init__(self, dtype: torch.dtype, groups: dict[torch.nn.Module, Int4Groups] | None = None) -> None:
+        self.dtype = dtype
+        self.groups = groups or {}
+
+    def linear(self, layers: Sequence[torch.nn.Linear]) -> StackedLinear:
+        """Int4 for the runs of consecutive layers that have groups, int8 for the others; several runs (say
+        q and k in Q4_K, v in Q6_K) are multiplied separately and their outputs concatenated."""
+        runs = [list(run) for _, run in itertools.groupby(layers, key=lambda layer: layer in self.groups)]
+        parts = [self._run(run) for run in runs]
+        return parts[0] if len(parts) == 1 else ConcatenatedLinear(parts)
+
+    def _run(self, layers: list[torch.nn.Linear]) -> StackedLinear:
+        sizes = [layer.out_features for layer in layers]
+        bias = fused_bias(layers)
+        bias = None if bias is None else bias.to(self.dtype)
+        with torch.no_grad():
+            if layers[0] in self.groups:
+                return Int4Linear(Int4Groups.stacked([self.groups[layer] for layer in layers]), sizes, bias,
+                                  self.dtype)
+            return Int8Linear(torch.cat([layer.weight.detach().float() for layer in layers]), sizes, bias,
+                              self.dtype)
+
+    def embedding(self, table: torch.nn.Embedding, output: StackedLinear,
+                  tied: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Rows of the output layer's int8 table where tied, else of the embedding's own int8 table."""
+        if tied and isinstance(output, Int8Linear):
+            return Int8Embedding(output.codes, output.scales)
+        with torch.no_grad():
+            codes, scales = int8_per_channel(table.weight.detach().float(), self.dtype)
+        return Int8Embedding(codes, scales)
+
+    def release(self, hf_model: torch.nn.Module) -> None:
+        """Free the transformers model's float linear and embedding weights (now packed) and cast what is
+        left (norms) to the activation dtype."""
+        for module in hf_model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                _release(module)
+        _cast_parameters(hf_model, self.dtype)
+
+
+class Int8Linear(StackedLinear):
+    """Stacked weights ``[out, in]`` as int8 per output channel (module docstring)."""
+
+    exact_rows = ROW_INVARIANT_ROWS
+
+    def __init__(self, weight: torch.Tensor, sizes: Sequence[int], bias: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
+        """``weight [out, in]`` float; ``bias [out]`` in ``dtype`` or None."""
+        super().__init__(sizes, bias)
+        self.codes, self.scales = int8_per_channel(weight, dtype)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch._weight_int8pack_mm(_flat(x), self.codes, self.scales)
+        return _shaped(out, x, self.bias)
+
+
+class Int4Linear(StackedLinear):
+    """Stacked weights as int4 groups of 32 (:class:`~quickdraft.models.gguf_blocks.Int4Groups`), packed for
+    ``torch._weight_int4pack_mm_for_cpu``; scales and zeros in the activation dtype."""
+
+    exact_rows = ROW_INVARIANT_ROWS
+
+    def __init__(self, groups: Int4Groups, sizes: Sequence[int], bias: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
+        super().__init__(sizes, bias)
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(groups.codes.to(torch.int32), 1)
+        # [in / 32, out, 2]: the kernel's layout of (scale, zero) per group
+        self.scales_and_zeros = torch.stack([groups.scales, groups.zeros], dim=-1).transpose(0, 1).contiguous() \
+            .to(dtype)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch._weight_int4pack_mm_for_cpu(_flat(x), self.packed, GROUP, self.scales_and_zeros)
+        return _shaped(out, x, self.bias)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weights ``[out, in]`` the kernel multiplies by, read back through the kernel itself (a product
+        with the identity, in the scales' dtype)."""
+        columns = self.scales_and_zeros.shape[0] * GROUP
+        eye = torch.eye(columns, dtype=self.scales_and_zeros.dtype)
+        return torch._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP, self.scales_and_zeros).T
+
+
+class ConcatenatedLinear(StackedLinear):
+    """Stacked layers held in several parts (say int4 and int8), each multiplied on its own; the outputs are
+    concatenated in the layers' order."""
+
+    def __init__(self, parts: Sequence[StackedLinear]) -> None:
+        super().__init__([size for part in parts for size in part.sizes], None)
+        self.parts = list(parts)
+        limits = [part.exact_rows for part in parts if part.exact_rows is not None]
+        self.exact_rows = min(limits) if limits else None
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part._product(x) for part in self.parts], dim=-1)
+
+
+class Int8Embedding:
+    """Token embedding read from an int8 table: row ``t`` is ``scales[t] * codes[t]``. ``codes [vocab,
+    hidden]`` int8, ``scales [vocab]`` in the activation dtype."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        self.codes = codes
+        self.scales = scales
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids [...]`` to ``[..., hidden]``."""
+        return self.codes[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
+
+
+def int8_per_channel(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight [out, in]`` float as int8 codes ``[out, in]`` and scales ``[out]`` in ``dtype``. Each scale is
+    rounded to ``dtype`` before the codes are computed with it, so the codes fit the scale the kernel uses."""
+    scales = (weight.abs().amax(dim=1) / 127).to(dtype)
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+    codes = torch.round(weight / scales.float().unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+def gguf_int4_groups(path: Path, hf_model: torch.nn.Module) -> dict[torch.nn.Module, Int4Groups]:
+    """:func:`read_gguf_int4_groups`, through the cache (kind ``int4-groups``, keyed by the file's
+    fingerprint and the versions of quickdraft and transformers): parsing a GGUF file is slow."""
+    from importlib.metadata import version
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from quickdraft import cache
+
+    key = {**cache.fingerprint(path), "quickdraft": version("quickdraft"), "transformers": transformers.__version__}
+    modules = dict(hf_model.named_modules())
+    names = {module: name for name, module in modules.items()}
+
+    def write(folder: Path) -> None:
+        found = read_gguf_int4_groups(path, hf_model)
+        save_file({f"{names[m]}.{part}": tensor for m, groups in found.items()
+                   for part, tensor in _stored(groups).items()}, folder / "groups.safetensors")
+
+    def read(folder: Path) -> dict[torch.nn.Module, Int4Groups]:
+        tensors = load_file(folder / "groups.safetensors")
+        prefixes = {name.rsplit(".", 1)[0] for name in tensors}
+        return {modules[p]: _restored({part: tensors[f"{p}.{part}"] for part in ("codes", "scales", "zeros")})
+                for p in prefixes}
+
+    return cache.cached("int4-groups", key, write, read, label=f"{path.name} int4 groups")
+
+
+def _stored(groups: Int4Groups) -> dict[str, torch.Tensor]:
+    """Groups as tensors to save, two codes per byte (even column in the low nibble)."""
+    codes = groups.codes
+    return {"codes": (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous(), "scales": groups.scales,
+            "zeros": groups.zeros}
+
+
+def _restored(parts: dict[str, torch.Tensor]) -> Int4Groups:
+    """The inverse of :func:`_stored`."""
+    packed = parts["codes"]
+    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    return Int4Groups(codes, parts["scales"], parts["zeros"])
+
+
+def read_gguf_int4_groups(path: Path, hf_model: torch.nn.Module) -> dict[torch.nn.Module, Int4Groups]:
+    """The int4 groups of the GGUF file's Q4_0 / Q4_1 / Q4_K tensors, by the ``torch.nn.Linear`` of
+    ``hf_model`` (loaded from that file) they became. Tensor names are mapped, and rows reordered, as
+    transformers' GGUF loader does (for Llama it un-permutes the q and k rows that llama.cpp permutes for its
+    rotary layout). A tensor whose mapped rows do not reproduce the loaded float weights is left out (it
+    becomes int8) with a warning."""
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, \
+        get_gguf_hf_weights_map, read_field
+
+    reader = GGUFReader(path)
+    config = hf_model.config
+    processor = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)(
+        config={"num_attention_heads": config.num_attention_heads,
+                "num_key_value_heads": config.num_key_value_heads})
+    names = get_gguf_hf_weights_map(hf_model, processor)
+    modules = dict(hf_model.named_modules())
+    groups = {}
+    for tensor in reader.tensors:
+        module = modules.get(names.get(tensor.name, "").removesuffix(".weight"))
+        if tensor.tensor_type not in INT4_TYPES or not isinstance(module, torch.nn.Linear):
+            continue
+        found = int4_groups(np.asarray(tensor.data), tensor.tensor_type)
+        found = found.permuted(_row_order(processor, tensor.name, found.shape[0]))
+        if _matches(found, module.weight):
+            groups[module] = found
+        else:
+            log.warning("GGUF tensor %s does not map onto %s row for row; it is held as int8", tensor.name,
+                        names[tensor.name])
+    return groups
+
+
+def _row_order(processor: object, name: str, rows: int) -> torch.Tensor:
+    """The row permutation transformers' GGUF ``processor`` applies to tensor ``name``: its output row ``i``
+    is input row ``order[i]``."""
+    index = np.arange(rows).reshape(rows, 1)
+    order = processor.process(weights=index, name=name).weights.reshape(-1)
+    return torch.from_numpy(np.ascontiguousarray(order))
+
+
+def _matches(groups: Int4Groups, weight: torch.Tensor, rows: int = 64) -> bool:
+    """Whether the first ``rows`` rows of ``groups`` equal the loaded float ``weight``'s, to float32 rounding
+    of the group arithmetic (Q4_K's zero ``8 d sc - dmin mn`` is not always exact in float32)."""
+    dense = weight.detach()[:rows].float()
+    mine = Int4Groups(groups.codes[:rows], groups.scales[:rows], groups.zeros[:rows]).dequantize()
+    return mine.shape == dense.shape and torch.allclose(mine, dense, rtol=1e-6, atol=1e-7)
+
+
+def fastest_mode(hf_model: torch.nn.Module, groups: dict[torch.nn.Module, Int4Groups],
+                 quantized_dtype: torch.dtype, dense_dtype: torch.dtype) -> str:
+    """``dense`` or ``int4``: which runs layer 0's linears and the output layer faster, summed over
+    :data:`AUTO_ROWS` rows (best of a few repeats; about a second). Memoized per process by CPU, PyTorch
+    version, shapes and dtypes."""
+    layer = hf_model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    stacks = [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj],
+              [mlp.down_proj], [hf_model.lm_head]]
+    key = (_cpu_name(), torch.__version__, torch.get_num_threads(), str(quantized_dtype), str(dense_dtype),
+           tuple(tuple(m.weight.shape) for stack in stacks for m in stack))
+    if key not in _FASTEST:
+        quantized = QuantizedWeights(quantized_dtype, groups)
+        widths = [stack[0].in_features for stack in stacks]
+        dense = [FusedLinear([_cast_linear(m, dense_dtype) for m in stack]) for stack in stacks]
+        costs = {"dense": _cost(dense, widths, dense_dtype),
+                 "int4": _cost([quantized.linear(stack) for stack in stacks], widths, quantized_dtype)}
+        log.info("weights auto: seconds for layer 0 and the output layer at rows %s: %s", AUTO_ROWS, costs)
+        _FASTEST[key] = min(costs, key=costs.get)
+    return _FASTEST[key]
+
+
+def _cost(linears: list[StackedLinear], widths: list[int], dtype: torch.dtype, repeats: int = 5) -> float:
+    """Seconds for one call of each of ``linears`` (input widths ``widths``) at each of :data:`AUTO_ROWS`
+    rows, best of ``repeats``."""
+    total = 0.0
+    for rows in AUTO_ROWS:
+        inputs = [torch.randn(1, rows, width, dtype=dtype) for width in widths]
+        best = float("inf")
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            for linear, x in zip(linears, inputs):
+                linear(x, True)
+            best = min(best, time.perf_counter() - start)
+        total += best
+    return total
+
+
+def _cast_linear(module: torch.nn.Linear, dtype: torch.dtype) -> torch.nn.Linear:
+    """A stand-in layer with ``module``'s weight and bias in ``dtype`` (for timing)."""
+    copy = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device="meta")
+    copy.weight = torch.nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+    if module.bias is not None:
+        copy.bias = torch.nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+    return copy
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def resident_bytes() -> int:
+    """This process's resident memory in bytes (``VmRSS`` of /proc/self/status; 0 where there is none)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., rows, in]`` as the 2-D ``[rows', in]`` the kernels take."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _shaped(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A kernel's ``out [rows', out]`` back in ``x``'s leading shape, plus ``bias``."""
+    out = out.view(*x.shape[:-1], out.shape[-1])
+    return out if bias is None else out + bias
+
+
+def _release(module: torch.nn.Module) -> None:
+    """Replace ``module``'s weight by an empty tensor and make calling the module raise, saying why."""
+    module.weight = torch.nn.Parameter(module.weight.new_empty(0), requires_grad=False)
+    module.register_forward_pre_hook(_released)
+
+
+def _released(module: torch.nn.Module, args: tuple) -> None:
+    raise RuntimeError(f"this {type(module).__name__}'s weight was packed into quantized form for quickdraft's "
+                       "native forward and freed; run the model through the engine's target")
+
+
+def _cast_parameters(hf_model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``hf_model``'s floating-point parameters (not its buffers: the rotary frequencies stay float32,
+    as ``from_pretrained(dtype=...)`` leaves them) to ``dtype``."""
+    with torch.no_grad():
+        for param in hf_model.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)

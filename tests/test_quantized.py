@@ -1,0 +1,220 @@
+"""Quantized weights in the native forward: GGUF 4-bit blocks map exactly onto int4 groups, the quantized
+forward equals a dense forward of the same dequantized weights, its rows are row-exact, and every drafter's
+greedy output equals plain decoding on the quantized target (tiny random models)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, dequantize, quantize
+from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+from conftest import CharTokenizer, perturbed_copy, tiny_hf_model
+from quickdraft.drafters import available_drafters
+from quickdraft.engine import Engine
+from quickdraft.models import gguf_blocks, quantized
+from quickdraft.models.gguf_blocks import Int4Groups, int4_groups
+from quickdraft.models.loading import LoadedModel
+from quickdraft.models.native import NativeCausalLM
+from quickdraft.models.quantized import (
+    ConcatenatedLinear, Int4Linear, Int8Linear, QuantizedWeights, check_weights, int8_per_channel,
+)
+
+Q4_TYPES = [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K]
+PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 1, 2, 3]]
+#: Logits of the tiny models reach about 4; float32 activations leave only summation-order differences.
+FLOAT32_TOLERANCE = 1e-4
+
+
+def random_blocks(qtype: GGMLQuantizationType, rows: int, columns: int, seed: int = 0) -> np.ndarray:
+    """Raw GGUF bytes ``[rows, bytes per row]`` of a random weight matrix: gguf's own quantizer for Q4_0 and
+    Q4_1; random bytes with random fp16 ``d``/``dmin`` for Q4_K (gguf-py has no Q4_K quantizer)."""
+    rng = np.random.default_rng(seed)
+    if qtype != GGMLQuantizationType.Q4_K:
+        return quantize((rng.standard_normal((rows, columns)) * 0.05).astype(np.float32), qtype)
+    blocks = rng.integers(0, 256, (rows * columns // 256, 144), dtype=np.uint8)
+    for offset in (0, 2):
+        scale = (rng.random(len(blocks)) * 0.01).astype(np.float16)
+        blocks[:, offset:offset + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
+
+
+def mapping_error(qtype: GGMLQuantizationType, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``|kernel's weights - gguf's dequantized weights|`` ``[rows, columns]`` for random blocks, the kernel's
+    weights read back through ``torch._weight_int4pack_mm_for_cpu`` itself."""
+    raw = random_blocks(qtype, 48, 512)
+    groups = int4_groups(raw, qtype)
+    kernel = Int4Linear(groups, [48], None, dtype).dequantized().float()
+    return (kernel - torch.from_numpy(dequantize(raw, qtype))).abs()
+
+
+@pytest.mark.parametrize("qtype", Q4_TYPES, ids=lambda q: q.name)
+def test_gguf_4bit_blocks_become_int4_groups_with_the_same_weights(qtype):
+    reference = torch.from_numpy(dequantize(random_blocks(qtype, 48, 512), qtype))
+    error = mapping_error(qtype)
+    if qtype == GGMLQuantizationType.Q4_K:
+        # the zero 8 d sc - dmin mn is rounded to float32 where it needs more than 24 bits: then a weight may
+        # be off by up to one float32 step of that zero (and of itself)
+        zeros = int4_groups(random_blocks(qtype, 48, 512), qtype).zeros.repeat_interleave(32, dim=1)
+        bound = np.spacing(zeros.abs().numpy()) + np.spacing(reference.abs().numpy())
+        assert (error <= torch.from_numpy(bound)).all()
+        assert (error == 0).float().mean() > 0.9
+    else:
+        assert error.max().item() == 0.0
+    assert torch.equal(int4_groups(random_blocks(qtype, 48, 512), qtype).dequantize() == reference,
+                       error == 0)
+
+
+def test_the_mapping_check_catches_a_wrong_zero_point(monkeypatch):
+    correct = gguf_blocks._q4_1
+
+    def shifted(blocks):
+        codes, d, zero = correct(blocks)
+        return codes, d, zero - d  # an off-by-one zero point (m + 7 d)
+
+    monkeypatch.setitem(gguf_blocks._DECODERS, GGMLQuantizationType.Q4_1, shifted)
+    assert mapping_error(GGMLQuantizationType.Q4_1).max().item() > 1e-4
+
+
+def test_q_and_k_rows_are_reordered_as_transformers_reorders_them():
+    processor = LlamaTensorProcessor(config={"num_attention_heads": 4, "num_key_value_heads": 2})
+    weights = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight"):
+        order = quantized._row_order(processor, name, 32)
+        assert np.array_equal(processor.process(weights=weights, name=name).weights, weights[order.numpy()])
+        assert not torch.equal(order, torch.arange(32))
+    assert torch.equal(quantized._row_order(processor, "blk.0.attn_v.weight", 32), torch.arange(32))
+
+
+def q4_1_groups(hf_model: torch.nn.Module, only: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
+                "gate_proj", "up_proj", "down_proj")) -> dict[torch.nn.Module, Int4Groups]:
+    """Int4 groups for the decoder layers' linears named in ``only``, quantized to Q4_1 by gguf's quantizer,
+    as a GGUF file of the model would hold them."""
+    groups = {}
+    for name, module in hf_model.named_modules():
+        if name.rsplit(".", 1)[-1] in only:
+            raw = quantize(module.weight.detach().numpy(), GGMLQuantizationType.Q4_1)
+            groups[module] = int4_groups(raw, GGMLQuantizationType.Q4_1)
+    return groups
+
+
+def dequantized_twin(hf_model: torch.nn.Module, groups: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """A dense copy of ``hf_model`` holding exactly the weights :class:`QuantizedWeights` multiplies by."""
+    twin = copy.deepcopy(hf_model)
+    originals = dict(hf_model.named_modules())
+    with torch.no_grad():
+        for name, module in twin.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                source = originals[name]
+                if source in groups:
+                    module.weight.copy_(groups[source].dequantize())
+                else:
+                    codes, scales = int8_per_channel(source.weight.detach().float(), dtype)
+                    module.weight.copy_(codes.float() * scales.float()[:, None])
+    return twin
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_forward_equals_a_dense_forward_of_the_same_weights(architecture, mode):
+    hf_model = tiny_hf_model(architecture)
+    groups = q4_1_groups(hf_model) if mode == "int4" else {}
+    reference = NativeCausalLM(dequantized_twin(hf_model, groups, torch.float32))
+    model = NativeCausalLM(hf_model, QuantizedWeights(torch.float32, groups))
+    ids = PROMPTS[1]
+    expected = reference.new_session(64).prefill(ids)
+    got = model.new_session(64).prefill(ids)
+    assert (got - expected).abs().max().item() < FLOAT32_TOLERANCE
+
+
+def test_bfloat16_activations_stay_close_to_the_float32_forward():
+    hf_model = tiny_hf_model("llama")
+    expected = NativeCausalLM(dequantized_twin(hf_model, {}, torch.bfloat16)).new_session(64).prefill(PROMPTS[0])
+    got = NativeCausalLM(hf_model, QuantizedWeights(torch.bfloat16)).new_session(64).prefill(PROMPTS[0])
+    assert got.argmax() == expected.argmax()
+    # bfloat16 keeps 8 bits: about 0.4% of the largest logit per rounding, a few roundings deep
+    assert (got - expected).abs().max().item() < 0.05 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_rows_equal_the_same_rows_computed_alone(kind):
+    weight = torch.randn(96, 256) * 0.05
+    if kind == "int8":
+        linear = Int8Linear(weight, [96], None, torch.bfloat16)
+    else:
+        linear = Int4Linear(int4_groups(quantize(weight.numpy(), GGMLQuantizationType.Q4_1),
+                                        GGMLQuantizationType.Q4_1), [96], None, torch.bfloat16)
+    x = torch.randn(1, 70, 256, dtype=torch.bfloat16)
+    alone = torch.cat([linear(x[:, i:i + 1]) for i in range(70)], dim=1)
+    for rows in (2, 3, 16, 31, 32, 33, 70):
+        assert torch.equal(linear(x[:, :rows], row_exact=True), alone[:, :rows]), rows
+
+
+def test_q_and_k_in_int4_and_v_in_int8_are_computed_apart_and_concatenated():
+    hf_model = tiny_hf_model("llama")
+    attn = hf_model.model.layers[0].self_attn
+    holder = QuantizedWeights(torch.float32, q4_1_groups(hf_model, ("q_proj", "k_proj")))
+    fused = holder.linear([attn.q_proj, attn.k_proj, attn.v_proj])
+    assert isinstance(fused, ConcatenatedLinear)
+    x = torch.randn(1, 5, 64)
+    q, k, v = fused(x)
+    assert torch.equal(q, holder.linear([attn.q_proj])(x)) and torch.equal(v, holder.linear([attn.v_proj])(x))
+
+
+def test_the_transformers_model_frees_its_quantized_weights_and_says_so():
+    hf_model = tiny_hf_model("llama")
+    before = sum(p.numel() for p in hf_model.parameters())
+    NativeCausalLM(hf_model, QuantizedWeights(torch.bfloat16))
+    assert sum(p.numel() for p in hf_model.parameters()) < before / 10
+    assert hf_model.model.norm.weight.dtype == torch.bfloat16
+    assert hf_model.model.rotary_emb.inv_freq.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="packed into quantized form"):
+        hf_model(torch.tensor([[1, 2]]))
+
+
+@pytest.mark.parametrize("mode, device", [("int3", "cpu"), ("int8", "cuda"), ("int4", "cuda")])
+def test_unknown_modes_and_quantized_weights_off_cpu_are_refused(mode, device):
+    with pytest.raises(ValueError):
+        check_weights(mode, torch.device(device))
+
+
+def test_auto_picks_dense_or_int4_once_per_process(monkeypatch):
+    hf_model = tiny_hf_model("llama")
+    groups = q4_1_groups(hf_model)
+    first = quantized.fastest_mode(hf_model, groups, torch.bfloat16, torch.float32)
+    assert first in ("dense", "int4")
+    monkeypatch.setattr(quantized, "_cost", lambda *args, **kwargs: pytest.fail("measured twice"))
+    assert quantized.fastest_mode(hf_model, groups, torch.bfloat16, torch.float32) == first
+
+
+def quantized_engine(architecture: str, mode: str) -> tuple[Engine, torch.nn.Module]:
+    """An engine on the tiny model with quantized weights (bfloat16 activations), and a dense copy of the
+    model made before quantizing (for the draft-model drafter)."""
+    hf_model = tiny_hf_model(architecture)
+    dense = copy.deepcopy(hf_model)
+    groups = q4_1_groups(hf_model) if mode == "int4" else {}
+    target = NativeCausalLM(hf_model, QuantizedWeights(torch.bfloat16, groups))
+    return Engine(LoadedModel(f"tiny-{architecture}-{mode}", CharTokenizer(), hf_model, target)), dense
+
+
+def drafters_to_test() -> list[str]:
+    return [name for name in available_drafters() if name != "xvocab" and not name.startswith("test-")]
+
+
+@pytest.mark.parametrize("architecture, mode", [("llama", "int8"), ("qwen2", "int8"), ("llama", "int4")])
+def test_every_drafter_reproduces_plain_decoding_on_the_quantized_target(architecture, mode):
+    plain, dense = quantized_engine(architecture, mode)
+    accepting = set()
+    for drafter in drafters_to_test():
+        options = {"model": NativeCausalLM(perturbed_copy(dense))} if drafter == "draft" else {}
+        speculative = plain.with_drafter(drafter, options)
+        for prompt in PROMPTS:
+            expected = plain.generate_ids(prompt, 40)
+            got = speculative.generate_ids(prompt, 40)
+            assert got.token_ids == expected.token_ids, f"{drafter} diverged on {architecture} {mode}"
+            if got.stats.accepted_tokens:
+                accepting.add(drafter)
+    # which drafters' guesses come true depends on the random model's output (lookahead's and the n-gram
+    # drafters' may not on these short outputs); the identity must not be vacuous for all of them
+    assert len(accepting) >= 3 and "draft" in accepting, f"only {sorted(accepting)} had draft tokens accepted"
