@@ -128,6 +128,7 @@ class QuantizedWeights:
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                 _release(module)
         _cast_parameters(hf_model, self.dtype)
+        _return_freed_memory()
 
 
 class Int8Linear(StackedLinear):
@@ -387,6 +388,19 @@ def _release(module: torch.nn.Module) -> None:
 def _released(module: torch.nn.Module, args: tuple) -> None:
     raise RuntimeError(f"this {type(module).__name__}'s weight was packed into quantized form for quickdraft's "
                        "native forward and freed; run the model through the engine's target")
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to hand freed heap pages back to the system (``malloc_trim``), so that the float weights just
+    freed leave the resident size; nothing where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def _cast_parameters(hf_model: torch.nn.Module, dtype: torch.dtype) -> None:
