@@ -1,20 +1,15 @@
-"""The engine loop: every drafter reproduces plain greedy decoding token for token (float32), sampling keeps
-the target distribution end to end, and bad requests get clear errors."""
+"""The engine loop: every drafter reproduces plain greedy decoding token for token (float32), and bad
+requests get clear errors. That sampling keeps the target distribution end to end is checked in
+test_sampling_end_to_end.py."""
 
-import itertools
-
-import numpy as np
 import pytest
-import torch
-from scipy.stats import chisquare
 
-from conftest import TINY_VOCAB, CharTokenizer, perturbed_copy, tiny_engine, tiny_hf_model, tiny_loaded
+from conftest import TINY_VOCAB, perturbed_copy, tiny_engine
 from quickdraft.drafters import available_drafters, register
 from quickdraft.drafters.base import DraftContext, Drafter
 from quickdraft.engine import Engine, plain_transcript
 from quickdraft.errors import InvalidRequestError, UnknownDrafterError
 from quickdraft.models.native import NativeCausalLM
-from quickdraft.sampling import probabilities
 from quickdraft.types import DraftTree, SamplingParams
 
 PROMPTS = [
@@ -129,44 +124,6 @@ def test_seeded_sampling_is_reproducible():
 
 #: Drafters whose sampled output is checked against the target's exact distribution here (layerskip and xvocab:
 #: tests/test_drafters_model.py); the deterministic tree drafters in the slow group.
-SAMPLING_DRAFTERS = ["ngram", "draft"] + [pytest.param(name, marks=pytest.mark.slow)
-                                          for name in ("suffix", "recycle", "lookahead", "auto")]
-
-
-@pytest.mark.parametrize("drafter", SAMPLING_DRAFTERS)
-def test_speculative_sampling_keeps_the_target_distribution_end_to_end(drafter):
-    """Two sampled tokens after a fixed prompt: their joint distribution under speculation equals the
-    target's exact p(a) p(b | a), computed from the model's logits."""
-    vocab = 8
-    hf_model = tiny_hf_model("llama", seed=3, vocab_size=vocab)
-    hf_model.lm_head.weight.data /= 4.0  # flatter distributions: every pair has visible mass
-    loaded = tiny_loaded("llama")
-    loaded.hf_model, loaded.target, loaded.tokenizer = hf_model, NativeCausalLM(hf_model), CharTokenizer(vocab + 1)
-    plain = Engine(loaded)
-    options = {"draft": {"model": NativeCausalLM(perturbed_copy(hf_model, scale=0.3))}}
-    engine = plain.with_drafter(drafter, options.get(drafter), draft_budget=3)
-    engine.eos_token_ids = frozenset()
-    params = SamplingParams(temperature=1.0, seed=0)
-    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
-    counts = np.zeros(vocab * vocab)
-    generator_seeds = range(1500)
-    for seed in generator_seeds:
-        tokens = engine.generate_ids(prompt, 2, SamplingParams(temperature=1.0, seed=seed)).token_ids
-        counts[tokens[0] * vocab + tokens[1]] += 1
-    with torch.inference_mode():
-        first = probabilities(hf_model(torch.tensor([prompt])).logits[0, -1], params)
-        expected = np.zeros(vocab * vocab)
-        for a, b in itertools.product(range(vocab), repeat=2):
-            second = probabilities(hf_model(torch.tensor([prompt + [a]])).logits[0, -1], params)
-            expected[a * vocab + b] = float(first[a] * second[b])
-    mask = expected * len(generator_seeds) >= 5  # rare pairs are pooled into one cell
-    observed, wanted = counts[mask], expected[mask] * len(generator_seeds)
-    if (~mask).any():
-        observed = np.append(observed, counts[~mask].sum())
-        wanted = np.append(wanted, expected[~mask].sum() * len(generator_seeds))
-    assert chisquare(observed, wanted * observed.sum() / wanted.sum()).pvalue > 1e-4
-
-
 @pytest.mark.parametrize(
     "call, error, fragment",
     [
