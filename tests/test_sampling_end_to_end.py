@@ -13,7 +13,7 @@ Terms used here:
   (``accepted_tokens > 0``); a test that never speculates would pass for any verifier.
 
 The observed outcome counts are compared with the exact distribution by Pearson's chi-square test, outcomes
-expected fewer than ``MIN_EXPECTED`` times pooled into one. Seeds are fixed, so each test is deterministic.
+expected fewer than five times pooled into one. Seeds are fixed, so each test is deterministic.
 ``RUNS`` was chosen by measured power: with the real verifier the p-values were 0.14 and above, while each
 planted bug (a residual left out, every draft accepted, acceptance 1.5 times too likely, the logits row before
 the right one after an acceptance, each row of the batched forward given another row's logits) gave
@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from conftest import CharTokenizer, perturbed_copy, tiny_hf_model
+from distribution_checks import chi_square_pvalue
 from quickdraft import verify
 from quickdraft.batching import BatchScheduler, Delta, Failed, Finished, ServeRequest, StepInfo
 from quickdraft.budget import CostCurve
@@ -56,7 +56,6 @@ TESTED = 3
 BUDGET = 2  # draft nodes per step: trees of two siblings exercise the residual after a rejected candidate
 RUNS = 600  # seeds per test
 BATCH = 8  # the scheduler's cache rows: requests verified together in one forward
-MIN_EXPECTED = 5
 ALPHA = 1e-3
 PARAMS = SamplingParams(temperature=1.0)
 
@@ -101,18 +100,6 @@ class Samples:
         assert self.drafted > 0 and self.accepted > 0, "no draft token was verified or accepted"
         pvalue = self.pvalue(exact)
         assert pvalue > ALPHA, f"sampled tokens do not follow the target distribution (p = {pvalue:.2e})"
-
-
-def chi_square_pvalue(counts: np.ndarray, expected: np.ndarray) -> float:
-    """Pearson chi-square p-value of outcome ``counts`` against outcome probabilities ``expected``; outcomes
-    expected fewer than ``MIN_EXPECTED`` times are pooled into one."""
-    runs = counts.sum()
-    common = expected * runs >= MIN_EXPECTED
-    observed, wanted = counts[common], expected[common] * runs
-    if not common.all():
-        observed = np.append(observed, counts[~common].sum())
-        wanted = np.append(wanted, expected[~common].sum() * runs)
-    return float(chisquare(observed, wanted * observed.sum() / wanted.sum()).pvalue)
 
 
 def exact_distribution(hf_model: torch.nn.Module, prompt: list[int], length: int,
