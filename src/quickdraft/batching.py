@@ -141,7 +141,7 @@ class SchedulerStats:
     prefill_forwards: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
-    last_budget: int = 0
+    last_budget: int = 0  # the largest draft budget given to a sequence in the last step
     active: int = 0
 
     @property
