@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
+from quickdraft.drafters import register, restoring_registry
 from quickdraft.engine import Engine
 from quickdraft.models.hf import HFCausalLM
 from quickdraft.models.loading import LoadedModel
@@ -75,6 +78,23 @@ def tiny_loaded(architecture: str = "llama", seed: int = 0, native: bool = True)
 
 def tiny_engine(architecture: str = "llama", seed: int = 0, native: bool = True) -> Engine:
     return Engine(tiny_loaded(architecture, seed, native))
+
+
+@pytest.fixture(autouse=True)
+def drafter_registry():
+    """Drafters a test registers (``@register("test-...")``) leave the global registry when it ends."""
+    with restoring_registry():
+        yield
+
+
+@contextmanager
+def registered(drafters: dict[str, type]):
+    """``drafters`` (name: class) registered inside the block only: for a module's test drafters, from a
+    module-scoped fixture, so that a scheduler or server the module shares can build them in every test."""
+    with restoring_registry():
+        for name, cls in drafters.items():
+            register(name)(cls)
+        yield
 
 
 @pytest.fixture(params=sorted(ARCHITECTURES))

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from conftest import perturbed_copy, tiny_engine, tiny_hf_model
+from conftest import perturbed_copy, registered, tiny_engine, tiny_hf_model
 from quickdraft.batch_budget import AcceptanceEstimate, BatchBudgetPolicy
 from quickdraft.budget import chain_accepted
 from quickdraft.batching import Admitted, BatchScheduler, Delta, Failed, Finished, ServeRequest
@@ -224,15 +224,21 @@ def test_bad_requests_fail_alone_and_long_requests_are_clamped():
         scheduler.close()
 
 
-@register("test-slow-counting")
 class SlowCountingDrafter(Drafter):
-    """Proposes nothing, slowly; counts begin/end calls across all instances."""
+    """Proposes nothing, slowly; counts instances built and begin/end calls across all instances, and keeps
+    the instance that began last."""
 
+    built = 0
     begun = 0
     ended = 0
+    last_begun = None
+
+    def __init__(self):
+        type(self).built += 1
 
     def begin(self, ctx):
         type(self).begun += 1
+        type(self).last_begun = self
 
     def propose(self, ctx, budget):
         time.sleep(0.01)
@@ -242,7 +248,6 @@ class SlowCountingDrafter(Drafter):
         type(self).ended += 1
 
 
-@register("test-out-of-vocabulary")
 class OutOfVocabularyDrafter(SlowCountingDrafter):
     """Proposes a token the target has no embedding for, so the batched verification forward fails."""
 
@@ -250,7 +255,6 @@ class OutOfVocabularyDrafter(SlowCountingDrafter):
         return DraftTree.chain([10**6])
 
 
-@register("test-raising")
 class RaisingDrafter(SlowCountingDrafter):
     """Raises on its first proposal."""
 
@@ -258,12 +262,20 @@ class RaisingDrafter(SlowCountingDrafter):
         raise RuntimeError("drafter bug")
 
 
-@register("test-raising-at-begin")
 class RaisingAtBeginDrafter(SlowCountingDrafter):
     """Raises when a request begins."""
 
     def begin(self, ctx):
+        type(self).last_begun = self
         raise RuntimeError("drafter bug")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def test_drafters():
+    """This module's test drafters, in the registry while its tests run."""
+    with registered({"test-slow-counting": SlowCountingDrafter, "test-out-of-vocabulary": OutOfVocabularyDrafter,
+                     "test-raising": RaisingDrafter, "test-raising-at-begin": RaisingAtBeginDrafter}):
+        yield
 
 
 class StateAtFinish(Collector):
@@ -285,6 +297,7 @@ class StateAtFinish(Collector):
 def test_cancel_frees_the_slot_and_ends_the_drafter_at_once():
     engine = tiny_engine("llama")
     engine.eos_token_ids = frozenset()
+    built = SlowCountingDrafter.built
     scheduler = BatchScheduler(engine, "test-slow-counting", max_batch=2, cost_curve=CostCurve.flat()).start()
     try:
         ended = SlowCountingDrafter.ended
@@ -307,9 +320,27 @@ def test_cancel_frees_the_slot_and_ends_the_drafter_at_once():
         assert after.tokens == engine.generate_ids(PROMPTS[2], 8).token_ids
         # A client that has its answer finds the request's row and drafter already freed.
         assert after.seen == (0, ended + 2)
-        assert scheduler._drafters_built <= 2  # drafters are pooled, not built per request
+        assert SlowCountingDrafter.built - built <= 2  # drafters are pooled, not built per request
     finally:
         scheduler.close()
+
+
+def test_the_scheduler_reads_drafter_evidence_and_records_draft_time():
+    class Evidencing(SlowCountingDrafter):
+        """Reports evidence 1 and counts how often it is asked."""
+
+        asked = 0
+
+        def evidence(self, ctx):
+            type(self).asked += 1
+            return 1
+
+    register("test-evidencing")(Evidencing)
+    with running_scheduler("test-evidencing") as scheduler:
+        [alone] = serve_all(scheduler, [PROMPTS[0]], [10])
+        assert Evidencing.asked >= 1  # the budget policy read it before each step
+        assert isinstance(alone.final, Finished) and alone.final.stats.draft_seconds >= 0.01
+        assert alone.tokens == tiny_engine("llama").generate_ids(PROMPTS[0], 10).token_ids
 
 
 @contextmanager
@@ -339,14 +370,20 @@ def test_a_drafter_that_raises_is_ended_and_not_reused_and_the_request_stays_los
         [got] = serve_all(scheduler, [PROMPTS[0]], [12])
         assert got.tokens == tiny_engine("llama").generate_ids(PROMPTS[0], 12).token_ids
         assert RaisingDrafter.ended == ended + 1
-        assert scheduler._pool == []
+        raised = RaisingDrafter.last_begun
+        [again] = serve_all(scheduler, [PROMPTS[1]], [12])  # the next request gets a new drafter
+        assert again.tokens == tiny_engine("llama").generate_ids(PROMPTS[1], 12).token_ids
+        assert RaisingDrafter.last_begun is not raised
 
 
 def test_a_drafter_that_raises_at_begin_fails_the_request_alone_and_is_not_reused():
     with running_scheduler("test-raising-at-begin") as scheduler:
         [failed] = serve_all(scheduler, [PROMPTS[0]], [12])
         assert isinstance(failed.final, Failed) and "prefill failed" in failed.final.message
-        assert scheduler._pool == [] and scheduler.active == 0
+        assert scheduler.active == 0
+        raised = RaisingAtBeginDrafter.last_begun
+        [again] = serve_all(scheduler, [PROMPTS[1]], [12])  # the next request gets a new drafter
+        assert isinstance(again.final, Failed) and RaisingAtBeginDrafter.last_begun is not raised
 
 
 def test_transformers_fallback_is_served_one_request_at_a_time():
@@ -418,16 +455,17 @@ def test_a_fallback_request_whose_start_raises_fails_alone_and_the_scheduler_kee
     engine = tiny_engine("llama", native=False)
     scheduler = BatchScheduler(engine, None, max_batch=2).start()
     try:
-        start = scheduler._plain.start
+        target = engine.loaded.target
+        new_session = target.new_session
         calls = []
 
         def failing_start(*args, **kwargs):
             calls.append(1)
             if len(calls) == 1:
                 raise RuntimeError("start failed")
-            return start(*args, **kwargs)
+            return new_session(*args, **kwargs)
 
-        scheduler._plain.start = failing_start
+        target.new_session = failing_start
         [bad] = serve_all(scheduler, [PROMPTS[0]], [5])
         assert isinstance(bad.final, Failed) and bad.final.status == 500 and "start failed" in bad.final.message
         assert scheduler.running

@@ -194,3 +194,34 @@ def test_a_plugin_drafter_registers_without_touching_the_engine():
     got = plain.with_drafter("test-repeat-last").generate_ids(PROMPTS[0], 20)
     assert got.token_ids == plain.generate_ids(PROMPTS[0], 20).token_ids
     assert got.stats.drafter == "test-repeat-last"
+
+
+def test_a_drafter_that_raises_is_ended_and_the_request_goes_on_losslessly():
+    @register("test-raising-engine")
+    class RaisingLater(Drafter):
+        """Drafts the last token again, then raises once the reply has a few tokens."""
+
+        ended = 0
+
+        def propose(self, ctx, budget):
+            if len(ctx.generated) > 3:
+                raise RuntimeError("drafter bug")
+            return DraftTree.chain([ctx.tokens[-1]])
+
+        def end(self):
+            type(self).ended += 1
+
+    plain = tiny_engine("llama")
+    got = plain.with_drafter("test-raising-engine").generate_ids(PROMPTS[0], 20)
+    assert got.token_ids == plain.generate_ids(PROMPTS[0], 20).token_ids
+    assert RaisingLater.ended == 1  # ended when it raised, not again when the request ended
+
+
+def test_start_returns_a_public_generation_handle():
+    from quickdraft.engine import Generation
+
+    engine = with_drafter(tiny_engine("llama"), "ngram")
+    generation = engine.start(PROMPTS[0], 12)
+    assert isinstance(generation, Generation)
+    streamed = [t for chunk in generation.chunks() for t in chunk.token_ids]
+    assert streamed == generation.result().token_ids == engine.generate_ids(PROMPTS[0], 12).token_ids

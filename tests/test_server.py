@@ -14,10 +14,9 @@ import openai
 import pytest
 import torch
 
-from conftest import CharTokenizer, tiny_loaded
+from conftest import CharTokenizer, registered, tiny_loaded
 from quickdraft.budget import CostCurve
 from quickdraft.cli import build_parser, main
-from quickdraft.drafters import register
 from quickdraft.drafters.base import Drafter
 from quickdraft.engine import Engine
 from quickdraft.server import start_server
@@ -379,7 +378,6 @@ def _wait_until(predicate, timeout=5.0):
     return True
 
 
-@register("test-slow-server")
 class SlowDrafter(Drafter):
     """Drafts nothing, slowly (so a request is surely still running when its client leaves); counts ends."""
 
@@ -478,7 +476,6 @@ def test_a_datastore_path_is_loaded_once_and_shared_by_every_slot_drafter(tmp_pa
 # ---------------------------------------------------------------------- shutdown faults
 
 
-@register("test-stuck-server")
 class StuckDrafter(Drafter):
     """Blocks in propose until released (at most 30 s): a scheduler stuck in a step."""
 
@@ -487,6 +484,13 @@ class StuckDrafter(Drafter):
     def propose(self, ctx, budget):
         type(self).release.wait(30)
         return DraftTree.empty()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def test_drafters():
+    """This module's test drafters, in the registry while its tests run."""
+    with registered({"test-slow-server": SlowDrafter, "test-stuck-server": StuckDrafter}):
+        yield
 
 
 def test_a_client_waiting_on_a_scheduler_closed_while_stuck_gets_503(engine):

@@ -8,25 +8,23 @@ Each iteration of the scheduler loop
 
 1. takes new commands from its inbox: a new request is tokenized and validated (an :class:`Admitted` or a
    :class:`Failed` event goes out at once) and joins the waiting queue; a cancellation drops its sequence;
-2. admits waiting requests into free cache rows: each newcomer is prefilled on its own (one forward over its
-   prompt into its row), its first token sampled and streamed, and it joins the batch (continuous batching);
-3. runs one step for the whole batch: chooses one draft budget for every sequence with
-   :class:`~quickdraft.batch_budget.BatchBudgetPolicy` (shrinking to 0 as the batch grows if the measured cost
-   curve says speculation no longer pays; young sequences are still probed with 2 draft tokens every 8th
-   step then, so acceptance keeps being learned), asks each sequence's own drafter for a tree, verifies all trees in
-   ONE target forward (:func:`~quickdraft.models.native.verify_batch`, each row with its own cache length and
-   tree mask), then per sequence: lossless :func:`~quickdraft.verify.verify_sampling` with that request's
-   sampling parameters and generator, compaction of its cache row along its accepted path (ragged
-   acceptance), ``drafter.observe``, EOS / token limit / stop strings via
-   :class:`~quickdraft.engine.OutputTracker`, and a :class:`Delta` event with the released text.
+2. admits waiting requests into free cache rows: each newcomer gets a drafter and is prefilled on its own
+   (:func:`~quickdraft.decoding.prefill`: one forward over its prompt into its row, its first token sampled
+   and streamed), then joins the batch (continuous batching);
+3. runs the one decoding step (:func:`~quickdraft.decoding.step`) for the whole batch, with budgets from
+   :class:`~quickdraft.draft_budget.LoadAdaptiveBudget`: each sequence's drafter proposes, all trees are
+   verified in ONE target forward (each row with its own cache length and tree mask), and each sequence
+   commits its own accepted path (ragged acceptance) with its own sampling parameters and generator, lets its
+   drafter observe, and sends a :class:`Delta` event with the released text;
+4. retires the sequences that are done (EOS, token limit, stop string) or cancelled.
 
 Finished or cancelled sequences free their row at once: the last live row is moved into the hole, so live
 rows are always ``0 .. B - 1``. Drafters are kept in a pool of at most ``max_batch`` instances (one per live
 sequence; ``begin``/``end`` per request), so cross-request state a drafter keeps survives and nothing is
-built per request.
+built per request. A drafter that raised is ended and not reused (see :mod:`quickdraft.decoding`).
 
-Targets without tree verification (the transformers fallback) are served one request at a time through the
-plain :class:`~quickdraft.engine.Engine` loop, with the same events.
+Targets without batched tree verification (the transformers fallback) go through the same admission, step
+and retirement one request at a time, each with its own session and one forward per step.
 
 Every submitted request ends with exactly one :class:`Finished` or :class:`Failed` event (none after a
 cancel): a request that :meth:`~BatchScheduler.close` cuts off, running or waiting, fails with status 503
@@ -44,30 +42,21 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
-from quickdraft.batch_budget import AcceptanceEstimate, BatchBudgetPolicy, measure_batch_curve
+from quickdraft.batch_budget import measure_batch_curve
 from quickdraft.budget import CostCurve
-from quickdraft.drafters import DraftContext, Drafter, DrafterSetup, StepOutcome, create_drafter
-from quickdraft.engine import Engine, OutputTracker, check_drafter, check_max_new_tokens
+from quickdraft.decoding import OutputTracker, Sequence, StreamChunk, cache_slots, prefill, step
+from quickdraft.draft_budget import DEFAULT_MAX_DRAFT, DraftBudget, FixedBudget, LoadAdaptiveBudget
+from quickdraft.drafters import Drafter, DrafterSetup, create_drafter
+from quickdraft.engine import Engine, check_drafter, check_max_new_tokens
 from quickdraft.errors import InvalidRequestError, QuickdraftError
-from quickdraft.models.native import NativeCausalLM, NativeSession, verify_batch
-from quickdraft.sampling import choose, make_generator
-from quickdraft.types import DraftTree, GenerationResult, GenerationStats, SamplingParams
-from quickdraft.verify import verify_sampling
-
-if TYPE_CHECKING:
-    from quickdraft.engine import _Run
+from quickdraft.models.base import TargetSession
+from quickdraft.models.native import NativeCausalLM, NativeSession
+from quickdraft.types import GenerationStats, SamplingParams
 
 log = logging.getLogger(__name__)
 
-#: Default largest draft budget per sequence in a batch.
-DEFAULT_MAX_DRAFT = 16
-#: When the policy says "do not speculate", every PROBE_EVERY-th step still drafts PROBE_BUDGET tokens for
-#: sequences that have tried fewer than PROBE_UNTIL draft tokens: cheap exploration.
-PROBE_EVERY = 8
-PROBE_BUDGET = 2
-PROBE_UNTIL = 6
 #: The error of a request that the scheduler's shutdown cut off.
 SHUTDOWN_MESSAGE = "the server is shutting down and did not complete this request; send it again later"
 
@@ -152,7 +141,7 @@ class SchedulerStats:
     prefill_forwards: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
-    last_budget: int = 0
+    last_budget: int = 0  # the largest draft budget given to a sequence in the last step
     active: int = 0
 
     @property
@@ -171,30 +160,17 @@ class StepInfo:
     committed: int
 
 
-class _Sequence:
-    """One request in the batch."""
+class _Sequence(Sequence):
+    """One request in the scheduler: the decoding state, its ticket and request, and whether its caller is
+    still there."""
 
-    def __init__(self, ticket: int, request: ServeRequest, prompt_ids: list[int], max_new_tokens: int,
-                 output: OutputTracker, drafter_name: str) -> None:
+    def __init__(self, ticket: int, request: ServeRequest, prompt_ids: list[int], output: OutputTracker,
+                 drafter_name: str) -> None:
+        super().__init__(prompt_ids, request.params, output, drafter_name)
         self.ticket = ticket
         self.request = request
-        self.prompt_ids = prompt_ids
-        self.max_new_tokens = max_new_tokens
-        self.output = output
-        self.generator = make_generator(request.params.seed, "cpu")
-        self.ctx = DraftContext(list(prompt_ids), len(prompt_ids), request.params, self.generator)
-        self.stats = GenerationStats(drafter=drafter_name)
-        self.estimate = AcceptanceEstimate()
-        self.session: NativeSession | None = None
-        self.drafter: Drafter | None = None
-        self.started = time.perf_counter()
         self.cancelled = False  # the caller is gone: no more events
         self.failed = False  # a Failed event was sent
-
-    @property
-    def room(self) -> int:
-        """Draft nodes that can still be useful: tokens still wanted after the next bonus token."""
-        return self.max_new_tokens - len(self.output.generated) - 1
 
     def emit(self, event: Event) -> bool:
         """Send ``event`` to the caller; False if the caller is gone (its sink raised)."""
@@ -214,7 +190,8 @@ class BatchScheduler:
     ``drafter`` / ``drafter_options`` name the drafter built for each live sequence (None or "none": plain
     batched decoding). ``max_draft``: the largest draft budget per sequence. ``max_seq_len``: prompt +
     completion limit per request (default: the model's context). ``cost_curve``: ``c(rows)``; measured
-    when the scheduler starts if not given."""
+    when the scheduler starts if not given. ``batched``: whether the target verifies many sequences in one
+    forward (the native forward); otherwise (the transformers fallback) one request is decoded at a time."""
 
     def __init__(self, engine: Engine, drafter: str | None = None, drafter_options: dict[str, Any] | None = None,
                  max_batch: int = 8, max_draft: int = DEFAULT_MAX_DRAFT, max_seq_len: int | None = None,
@@ -237,25 +214,19 @@ class BatchScheduler:
         self.max_waiting = max_waiting
         self.on_step = on_step
         self.batched = isinstance(self.target, NativeCausalLM)
+        self.capacity = max_batch if self.batched else 1  # sequences decoded at once
         self.stats = SchedulerStats()
         self._cost_curve = cost_curve
-        self.policy: BatchBudgetPolicy | None = None
+        self.policy: DraftBudget = FixedBudget(0)
         self._pool: list[Drafter] = []
-        self._drafters_built = 0
         if self.drafter_name != "none":  # build one now: bad drafter options fail at startup, not per request
             self._pool.append(self._build_drafter())
-        self._cache = None
-        self._plain: Engine | None = None
-        if self.batched:
-            self._cache = self.target.new_cache(self.max_seq_len + self.max_draft + 2, batch=max_batch)
-        else:
-            self._plain = Engine(engine.loaded, self._pool.pop() if self._pool else None)
-            self._plain.eos_token_ids = engine.eos_token_ids
+        self._slots = cache_slots(self.max_seq_len, self.max_draft)
+        self._cache = self.target.new_cache(self._slots, batch=max_batch) if self.batched else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[_Sequence] = deque()
         self._active: list[_Sequence] = []
         self._tickets = itertools.count(1)
-        self._steps = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._submitting = threading.Lock()  # a submit's check and put vs. the shutdown's last drain
@@ -325,10 +296,10 @@ class BatchScheduler:
 
     def _main(self) -> None:
         try:
-            if self.batched and self.max_draft > 0:
+            if self.max_draft > 0:
                 if self._cost_curve is None:
-                    self._cost_curve = measure_batch_curve(self.target, self.max_batch * (1 + self.max_draft))
-                self.policy = BatchBudgetPolicy(self._cost_curve, max_budget=self.max_draft)
+                    self._cost_curve = measure_batch_curve(self.target, self.capacity * (1 + self.max_draft))
+                self.policy = LoadAdaptiveBudget(self._cost_curve, self.max_draft)
         except BaseException as error:  # noqa: BLE001 - reported to start()
             self.error = error
             self._ready.set()
@@ -339,12 +310,9 @@ class BatchScheduler:
                 self._drain(block=not self._active and not self._waiting)
                 if self._stopping:
                     break
-                if self.batched:
-                    self._admit()
-                    if self._active:
-                        self._step_safely()
-                elif self._waiting:
-                    self._serve_plain(self._waiting.popleft())
+                self._admit()
+                if self._active:
+                    self._step_safely()
         finally:
             self._shutdown()
 
@@ -383,7 +351,7 @@ class BatchScheduler:
             log.exception("could not tokenize request %d", ticket)
             return self._refuse(request, Failed(f"could not tokenize the prompt: {error}", 400, None))
         output = OutputTracker(self.tokenizer, self.engine.eos_token_ids, limit, request.stop)
-        sequence = _Sequence(ticket, request, prompt_ids, limit, output, self.drafter_name)
+        sequence = _Sequence(ticket, request, prompt_ids, output, self.drafter_name)
         if not sequence.emit(Admitted(len(prompt_ids), limit)):
             return None
         return sequence
@@ -435,134 +403,76 @@ class BatchScheduler:
         for sequence in self._active:
             if sequence.ticket == ticket:
                 sequence.cancelled = True
-                if self.batched:  # the plain loop notices the flag between chunks
-                    self._retire(sequence)
+                self._retire(sequence)
                 return
 
-    # -- batched decoding
+    # -- decoding: admit, step, retire
 
     def _admit(self) -> None:
-        while self._waiting and len(self._active) < self.max_batch:
+        """Prefill waiting requests into free rows; a request whose start fails fails alone."""
+        while self._waiting and len(self._active) < self.capacity:
             sequence = self._waiting.popleft()
-            sequence.session = NativeSession(self.target, cache=self._cache, row=len(self._active))
-            started = time.perf_counter()
             try:
-                sequence.drafter = self._take_drafter()
-                if sequence.drafter is not None:
-                    if "target_session" in sequence.drafter.needs:
-                        sequence.ctx.target = sequence.session
-                    sequence.drafter.begin(sequence.ctx)
-                logits = sequence.session.prefill(sequence.prompt_ids)
-                first = choose(logits, sequence.request.params, sequence.generator)
+                sequence.attach(self._open_session(len(self._active)), self._take_drafter())
+                chunk = prefill(sequence)
             except Exception as error:  # noqa: BLE001 - fail this request, keep serving
                 log.exception("prefill failed for request %d", sequence.ticket)
                 self._release(sequence, reuse=False)  # the error may be the drafter's own begin()
                 self._fail(sequence, f"prefill failed: {error}", 500, "internal_error")
                 continue
-            sequence.stats.prefill_seconds = time.perf_counter() - started
-            sequence.stats.target_forwards = 1
             self.stats.admitted += 1
             self.stats.prefill_forwards += 1
             self.stats.sequence_forwards += 1
             self.stats.prompt_tokens += len(sequence.prompt_ids)
-            sequence.ctx.tokens.append(first)
+            self.stats.committed_tokens += sequence.stats.new_tokens
             self._active.append(sequence)
             self.stats.active = len(self._active)
-            self._commit(sequence, [first])
-            if sequence.output.done or sequence.cancelled:
+            self._deliver(sequence, chunk)
+            if sequence.done or sequence.cancelled:
                 self._retire(sequence)
+
+    def _open_session(self, row: int) -> TargetSession:
+        """A view on cache row ``row`` (batched), or a session with its own cache (the fallback)."""
+        if self._cache is not None:
+            return NativeSession(self.target, cache=self._cache, row=row)
+        return self.target.new_session(self._slots)
 
     def _step_safely(self) -> None:
         try:
             self._step()
         except Exception as error:  # noqa: BLE001 - a failed forward fails the batch, not the server
-            log.exception("batched step failed; failing %d requests", len(self._active))
+            log.exception("step failed; failing %d requests", len(self._active))
             for sequence in list(reversed(self._active)):
                 self._fail(sequence, f"generation failed: {error}", 500, "internal_error")
 
     def _step(self) -> None:
         sequences = list(self._active)
-        budgets = self._choose_budgets(sequences)
-        budget = max(budgets, default=0)
-        trees = [self._propose(sequence, b) for sequence, b in zip(sequences, budgets)]
-        hidden_layers = tuple(sorted({layer for s in sequences if s.drafter and "hidden_states" in s.drafter.needs
-                                      for layer in s.drafter.hidden_layers}))
-        started = time.perf_counter()
-        outputs = verify_batch([s.session for s in sequences], [s.ctx.tokens[-1] for s in sequences], trees,
-                               hidden_layers)
-        seconds = time.perf_counter() - started
+        budgets = self.policy.choose(sequences)
+        report = step(sequences, budgets)
+        self.stats.last_budget = max(budgets, default=0)
         self.stats.batch_forwards += 1
-        committed = 0
-        for sequence, tree, out in zip(sequences, trees, outputs):
-            result = verify_sampling(tree, out.logits, sequence.request.params, sequence.generator)
-            sequence.session.commit(result.accepted_nodes)
-            sequence.estimate.update(tree.size, result.num_accepted)
-            sequence.stats.target_forwards += 1
-            sequence.stats.drafted_tokens += tree.size
-            sequence.stats.accepted_tokens += result.num_accepted
-            self.stats.sequence_forwards += 1
-            self.stats.drafted_tokens += tree.size
-            self.stats.accepted_tokens += result.num_accepted
-            sequence.ctx.tokens.extend(result.tokens)
-            if sequence.drafter is not None:
-                logits = out.logits if "target_logits" in sequence.drafter.needs else None
-                try:
-                    sequence.drafter.observe(sequence.ctx, StepOutcome(tree, result, logits, out.hidden))
-                except Exception:  # noqa: BLE001 - a drafter bug must not break lossless decoding
-                    log.exception("drafter observe failed for request %d; it drafts no more", sequence.ticket)
-                    self._release(sequence, reuse=False)
-            committed += self._commit(sequence, result.tokens)
+        self.stats.sequence_forwards += len(sequences)
+        self.stats.drafted_tokens += report.drafted
+        self.stats.accepted_tokens += report.accepted
+        self.stats.committed_tokens += report.committed
+        for sequence, chunk in zip(sequences, report.chunks):
+            self._deliver(sequence, chunk)
         if self.on_step is not None:
-            rows = len(sequences) * (1 + max(t.size for t in trees))
-            self.on_step(StepInfo(len(sequences), budget, rows, seconds, committed))
-        for sequence in sorted(sequences, key=lambda s: s.session.row, reverse=True):
-            if sequence.output.done or sequence.cancelled:
+            self.on_step(StepInfo(len(sequences), self.stats.last_budget, report.rows, report.seconds,
+                                  report.committed))
+        for sequence in reversed(sequences):  # the last rows first: a row moved into a hole is not retired after
+            if sequence.done or sequence.cancelled:
                 self._retire(sequence)
 
-    def _choose_budgets(self, sequences: list[_Sequence]) -> list[int]:
-        """One budget for the batch from the policy. When it is 0, sequences with almost no acceptance data
-        are still probed with a small budget now and then, so that a drafter that suits this traffic is
-        discovered (the finished sequences' acceptance becomes the prior of new ones)."""
-        self._steps += 1
-        if self.policy is None:
-            self.stats.last_budget = 0
-            return [0] * len(sequences)
-        drafting = [s for s in sequences if s.drafter is not None]
-        rates = [self.policy.rate(s.estimate) for s in drafting]
-        budget = self.policy.choose(rates, [s.room for s in drafting]) if drafting else 0
-        self.stats.last_budget = budget
-        if budget == 0 and self._steps % PROBE_EVERY == 0:
-            return [min(PROBE_BUDGET, self.max_draft) if s.drafter is not None and s.estimate.tried < PROBE_UNTIL
-                    else 0 for s in sequences]
-        return [budget] * len(sequences)
-
-    def _propose(self, sequence: _Sequence, budget: int) -> DraftTree:
-        budget = min(budget, sequence.room)
-        if budget <= 0 or sequence.drafter is None:
-            return DraftTree.empty()
-        try:
-            return sequence.drafter.propose(sequence.ctx, budget).truncated(budget)
-        except Exception:  # noqa: BLE001 - a drafter bug must not break lossless decoding
-            log.exception("drafter propose failed for request %d; it drafts no more", sequence.ticket)
-            self._release(sequence, reuse=False)
-            return DraftTree.empty()
-
-    def _commit(self, sequence: _Sequence, tokens: list[int]) -> int:
-        chunk, committed = sequence.output.commit(tokens)
-        sequence.stats.new_tokens += committed
-        self.stats.committed_tokens += committed
+    def _deliver(self, sequence: _Sequence, chunk: StreamChunk) -> None:
         if chunk.text or chunk.token_ids:
             sequence.emit(Delta(chunk.text, chunk.token_ids))
-        return committed
 
     def _fail(self, sequence: _Sequence, message: str, status: int, code: str | None) -> None:
         """End the sequence with an error: free its drafter and cache row, then send Failed (once)."""
         first = not sequence.failed
         sequence.failed = sequence.cancelled = True
-        if self.batched and sequence in self._active:
-            self._retire(sequence)
-        else:
-            self._release(sequence)
+        self._retire(sequence)
         if first:
             self.stats.failed += 1
             sequence.emit(Failed(message, status, code))
@@ -586,19 +496,20 @@ class BatchScheduler:
             self._emit_finish(sequence)
 
     def _free_row(self, sequence: _Sequence) -> None:
-        """Move the last active row into the sequence's cache row, so that active rows stay 0..n-1."""
+        """Close the sequence's session. In the shared cache, the last active row moves into its row, so that
+        active rows stay 0..n-1."""
+        session, sequence.session = sequence.session, None
         if sequence in self._active:
-            row = sequence.session.row
-            last = self._active[-1]
+            row = self._active.index(sequence)
+            last = self._active.pop()
             if last is not sequence:
                 self._cache.move_row(last.session.row, row)
                 last.session.row = row
                 self._active[row] = last
-            else:
-                self._cache.truncate(0, row)
-            self._active.pop()
+                session = None  # its row now holds the moved sequence
+        if session is not None:
+            session.close()
         self.stats.active = len(self._active)
-        sequence.session = None
 
     def _emit_finish(self, sequence: _Sequence) -> None:
         tail = sequence.output.finish()
@@ -606,21 +517,13 @@ class BatchScheduler:
             sequence.emit(Delta(tail, []))
         sequence.emit(Finished(sequence.output.finish_reason, len(sequence.prompt_ids),
                                len(sequence.output.generated), sequence.stats))
-        if self.policy is not None:
-            self.policy.finished(sequence.estimate)
+        self.policy.finished(sequence)
 
     def _release(self, sequence: _Sequence, reuse: bool = True) -> None:
-        """End the sequence's drafter and pool it for a later request, unless ``reuse`` is False (it raised:
-        its state may be broken) or it cannot end."""
-        if sequence.drafter is None:
-            return
-        drafter, sequence.drafter = sequence.drafter, None
-        try:
-            drafter.end()
-        except Exception:  # noqa: BLE001 - a drafter that cannot end is not reused
-            log.exception("drafter end failed; discarding it")
-            return
-        if reuse:
+        """End the sequence's drafter and pool it for a later request, unless ``reuse`` is False (its state
+        may be broken) or it cannot end. A drafter dropped during the step was ended then and is not pooled."""
+        drafter = sequence.release_drafter()
+        if drafter is not None and reuse:
             self._pool.append(drafter)
 
     def _take_drafter(self) -> Drafter | None:
@@ -631,60 +534,8 @@ class BatchScheduler:
         return self._build_drafter()
 
     def _build_drafter(self) -> Drafter:
-        self._drafters_built += 1
         return create_drafter(self.drafter_name,
                               DrafterSetup(self.target, self.tokenizer, dict(self.drafter_options)))
-
-    # -- one at a time through the engine (targets without tree verification)
-
-    def _serve_plain(self, sequence: _Sequence) -> None:
-        """Serve one request through the engine loop. An error fails this request only; a request cut off by
-        the shutdown fails with 503."""
-        self.stats.admitted += 1
-        self.stats.prompt_tokens += len(sequence.prompt_ids)
-        self._active.append(sequence)
-        self.stats.active = 1
-        try:
-            run = self._plain.start(sequence.prompt_ids, sequence.max_new_tokens, sequence.request.params,
-                                    sequence.request.stop)
-            complete = self._stream_plain(sequence, run)
-        except Exception as error:  # noqa: BLE001 - fail this request, keep serving
-            log.exception("generation failed for request %d", sequence.ticket)
-            self._fail(sequence, f"generation failed: {error}", 500, "internal_error")
-            return
-        finally:
-            self._active.clear()
-            self.stats.active = 0
-        if sequence.cancelled:
-            self.stats.cancelled += 1
-        elif not complete:
-            self._fail(sequence, SHUTDOWN_MESSAGE, 503, "shutting_down")
-        else:
-            self._finish_plain(sequence, run.result())
-
-    def _stream_plain(self, sequence: _Sequence, run: _Run) -> bool:
-        """Send the run's chunks as they come; False if it was cut off (cancelled, or the scheduler stopping)."""
-        chunks = run.chunks()
-        try:
-            for chunk in chunks:
-                if chunk.text or chunk.token_ids:
-                    sequence.emit(Delta(chunk.text, chunk.token_ids))
-                self._drain(block=False)  # new requests queue up; a cancel marks this one
-                if sequence.cancelled or self._stopping:
-                    return False
-            return True
-        finally:
-            chunks.close()
-
-    def _finish_plain(self, sequence: _Sequence, result: GenerationResult) -> None:
-        self.stats.finished += 1
-        self.stats.completion_tokens += len(result.token_ids)
-        self.stats.committed_tokens += result.stats.new_tokens
-        self.stats.sequence_forwards += result.stats.target_forwards
-        self.stats.drafted_tokens += result.stats.drafted_tokens
-        self.stats.accepted_tokens += result.stats.accepted_tokens
-        sequence.emit(Finished(result.finish_reason, len(sequence.prompt_ids), len(result.token_ids),
-                               result.stats))
 
     def _shutdown(self) -> None:
         """Refuse new submits, then fail every request still queued, waiting or running."""

@@ -1,8 +1,8 @@
-"""The decoding loop: propose -> verify -> commit -> observe.
+"""The engine: a loaded target model, its tokenizer and optionally a drafter, generating one request at a time.
 
-One loop serves every method. Plain autoregressive decoding is the same loop with no drafter (every draft
-tree is empty, so each target forward commits exactly the bonus token). The loop never branches on a
-drafter's name: it reads the drafter's declared ``needs`` and the target session's capabilities.
+A request is a batch of one going through the one decoding step of :mod:`quickdraft.decoding`: prefill, then
+step (propose -> verify -> commit -> observe) until it is done. The step never branches on a drafter's name:
+it reads the drafter's declared ``needs`` and the target session's capabilities.
 """
 
 from __future__ import annotations
@@ -14,36 +14,15 @@ from typing import Any
 
 import torch
 
-from quickdraft.drafters import (
-    DraftContext,
-    Drafter,
-    DrafterSetup,
-    StepOutcome,
-    check_drafter_options,
-    create_drafter,
-)
-from quickdraft.budget import BudgetPolicy, EvidenceBudget
-from quickdraft.detok import TextAssembler
+from quickdraft.decoding import OutputTracker, Sequence, StreamChunk, cache_slots, prefill, step
+from quickdraft.draft_budget import MAX_ADAPTIVE_BUDGET, DraftBudget, FixedBudget, RequestBudget
+from quickdraft.drafters import Drafter, DrafterSetup, check_drafter_options, create_drafter
 from quickdraft.errors import InvalidRequestError
-from quickdraft.models.base import TREE, TargetSession
 from quickdraft.models.loading import LoadedModel, load_model
 from quickdraft.models.quantized import DEFAULT_WEIGHTS
-from quickdraft.sampling import choose, make_generator
-from quickdraft.types import DraftTree, GenerationResult, GenerationStats, SamplingParams
-from quickdraft.verify import verify_sampling
+from quickdraft.types import GenerationResult, SamplingParams
 
 Messages = list[dict[str, str]]
-
-#: Largest number of draft nodes the adaptive budget policy may verify in one step.
-MAX_ADAPTIVE_BUDGET = 64
-
-
-@dataclass
-class StreamChunk:
-    """Text released by one step of :meth:`Engine.stream` and the tokens committed in it."""
-
-    text: str
-    token_ids: list[int]
 
 
 @dataclass
@@ -74,19 +53,12 @@ class Engine:
         self.draft_budget = draft_budget
         self.eos_token_ids = _eos_token_ids(loaded)
 
-    def budget_policy(self) -> EvidenceBudget | None:
-        """A fresh adaptive policy for one request (the cost curve is measured once per loaded model), or
-        None for a fixed budget. Each request starts from the same state, so a seeded request reproduces."""
+    def budget_policy(self) -> DraftBudget:
+        """The draft budget policy of one request: fixed (``draft_budget``, or 0 without a drafter), or the
+        single-request adaptive policy fitted to the loaded model's cost curve (measured once per model)."""
         if self.drafter is None or self.draft_budget is not None:
-            return None
-        curve = self.loaded.cost_curve()
-        return EvidenceBudget(lambda: BudgetPolicy(curve, max_budget=MAX_ADAPTIVE_BUDGET))
-
-    @property
-    def max_budget(self) -> int:
-        if self.drafter is None:
-            return 0
-        return self.draft_budget or MAX_ADAPTIVE_BUDGET
+            return FixedBudget(self.draft_budget if self.drafter is not None else 0)
+        return RequestBudget(self.loaded.cost_curve(), MAX_ADAPTIVE_BUDGET)
 
     @classmethod
     def from_pretrained(
@@ -157,22 +129,19 @@ class Engine:
     def stream(self, prompt: str | Messages, max_new_tokens: int = 128, stop: list[str] | None = None,
                **sampling: Any) -> Iterator[StreamChunk]:
         """Yield text as it is committed; the last chunk may be empty."""
-        request = self._request(self.encode_prompt(prompt), max_new_tokens, SamplingParams(**sampling), stop)
-        run = _Run(self, request)
-        yield from run.chunks()
+        yield from self.start(self.encode_prompt(prompt), max_new_tokens, SamplingParams(**sampling), stop).chunks()
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams | None = None,
                      stop: list[str] | None = None) -> GenerationResult:
-        request = self._request(prompt_ids, max_new_tokens, params or SamplingParams(), stop)
-        run = _Run(self, request)
-        for _ in run.chunks():
+        generation = self.start(prompt_ids, max_new_tokens, params, stop)
+        for _ in generation.chunks():
             pass
-        return run.result()
+        return generation.result()
 
     def start(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams | None = None,
-              stop: list[str] | None = None) -> _Run:
-        """A run whose ``chunks()`` streams and whose ``result()`` summarises (for servers and benches)."""
-        return _Run(self, self._request(prompt_ids, max_new_tokens, params or SamplingParams(), stop))
+              stop: list[str] | None = None) -> Generation:
+        """A :class:`Generation` whose ``chunks()`` decodes and streams and whose ``result()`` summarises."""
+        return Generation(self, self._request(prompt_ids, max_new_tokens, params or SamplingParams(), stop))
 
     def _request(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
                  stop: list[str] | None) -> GenerationRequest:
@@ -189,157 +158,36 @@ class Engine:
                                  list(stop or []))
 
 
-class OutputTracker:
-    """What a request keeps of its committed tokens: cut at EOS, at ``max_new_tokens`` and at stop strings,
-    released as text when it can no longer change. The engine loop and the batch scheduler both use it."""
-
-    def __init__(self, tokenizer: Any, eos_token_ids: frozenset[int], max_new_tokens: int,
-                 stop: list[str] | None = None) -> None:
-        self.assembler = TextAssembler(tokenizer, stop)
-        self.eos_token_ids = eos_token_ids
-        self.max_new_tokens = max_new_tokens
-        self.generated: list[int] = []
-        self.finish_reason = "length"
-
-    def commit(self, tokens: list[int]) -> tuple[StreamChunk, int]:
-        """Apply EOS and the token limit to a step's committed tokens; return the released chunk and how
-        many of ``tokens`` count as generated (up to and including an EOS token)."""
-        kept: list[int] = []
-        committed = 0
-        for token in tokens:
-            committed += 1
-            if token in self.eos_token_ids:
-                self.finish_reason = "stop"
-                break
-            kept.append(token)
-            if len(self.generated) + len(kept) >= self.max_new_tokens:
-                break
-        self.generated.extend(kept)
-        text = self.assembler.add(kept)
-        if self.assembler.stopped:
-            self.finish_reason = "stop"
-        return StreamChunk(text, kept), committed
-
-    @property
-    def done(self) -> bool:
-        return (self.finish_reason == "stop" or self.assembler.stopped
-                or len(self.generated) >= self.max_new_tokens)
-
-    def finish(self) -> str:
-        """Release the text still held back (generation has ended)."""
-        return self.assembler.finish()
-
-    @property
-    def text(self) -> str:
-        return self.assembler.text
-
-
-class _Run:
-    """One request going through the loop."""
+class Generation:
+    """One request decoded by an :class:`Engine`, as a batch of one: :meth:`chunks` prefills, then steps
+    (:func:`quickdraft.decoding.step`) until the request is done, yielding the text each step releases (the
+    last chunk may be empty); :meth:`result` summarises it afterwards."""
 
     def __init__(self, engine: Engine, request: GenerationRequest) -> None:
         self.engine = engine
         self.request = request
-        self.drafter = engine.drafter
-        self.policy = engine.budget_policy()
-        self.output = OutputTracker(engine.tokenizer, engine.eos_token_ids, request.max_new_tokens, request.stop)
-        self.stats = GenerationStats(drafter=engine.drafter_name)
-
-    @property
-    def assembler(self) -> TextAssembler:
-        return self.output.assembler
-
-    @property
-    def generated(self) -> list[int]:
-        return self.output.generated
-
-    @property
-    def finish_reason(self) -> str:
-        return self.output.finish_reason
+        self.budget = engine.budget_policy()
+        output = OutputTracker(engine.tokenizer, engine.eos_token_ids, request.max_new_tokens, request.stop)
+        self.sequence = Sequence(request.prompt_ids, request.params, output, engine.drafter_name)
 
     def chunks(self) -> Iterator[StreamChunk]:
-        target = self.engine.loaded.target
-        request = self.request
-        session = target.new_session(len(request.prompt_ids) + request.max_new_tokens + self.engine.max_budget + 1)
-        generator = make_generator(request.params.seed, "cpu")
-        needs = self.drafter.needs if self.drafter else frozenset()
-        ctx = DraftContext(list(request.prompt_ids), len(request.prompt_ids), request.params, generator,
-                           target=session if "target_session" in needs else None)
+        sequence = self.sequence
+        slots = cache_slots(len(self.request.prompt_ids) + self.request.max_new_tokens, self.budget.max_budget)
+        sequence.attach(self.engine.loaded.target.new_session(slots), self.engine.drafter)
         try:
-            yield from self._loop(session, ctx, generator, needs)
+            yield prefill(sequence)
+            while not sequence.done:
+                yield step([sequence], self.budget.choose([sequence])).chunks[0]
+            sequence.stats.total_seconds = time.perf_counter() - sequence.started
+            tail = sequence.output.finish()
+            if tail:
+                yield StreamChunk(tail, [])
         finally:
-            session.close()
-            if self.drafter:
-                self.drafter.end()
-
-    def _loop(self, session: TargetSession, ctx: DraftContext, generator: torch.Generator,
-              needs: frozenset[str]) -> Iterator[StreamChunk]:
-        started = time.perf_counter()
-        if self.drafter:
-            self.drafter.begin(ctx)
-        logits = session.prefill(ctx.tokens)
-        first = choose(logits, self.request.params, generator)
-        self.stats.prefill_seconds = time.perf_counter() - started
-        self.stats.target_forwards = 1
-        ctx.tokens.append(first)
-        chunk = self._commit([first])
-        yield chunk
-        hidden_layers = self.drafter.hidden_layers if self.drafter and "hidden_states" in needs else ()
-        while not self._done():
-            drafting = time.perf_counter()
-            evidence = self.drafter.evidence(ctx) if self.policy else 0
-            budget = self._budget(evidence)
-            tree = self._propose(ctx, session, budget)
-            self.stats.draft_seconds += time.perf_counter() - drafting
-            out = session.verify(ctx.tokens[-1], tree, hidden_layers)
-            result = verify_sampling(tree, out.logits, self.request.params, generator)
-            session.commit(result.accepted_nodes)
-            if self.policy and tree.size:
-                self.policy.observe(evidence, result.accepted_nodes, budget)
-            self.stats.target_forwards += 1
-            self.stats.drafted_tokens += tree.size
-            self.stats.accepted_tokens += result.num_accepted
-            ctx.tokens.extend(result.tokens)
-            if self.drafter:
-                observing = time.perf_counter()
-                logits_for_drafter = out.logits if "target_logits" in needs else None
-                self.drafter.observe(ctx, StepOutcome(tree, result, logits_for_drafter, out.hidden))
-                self.stats.draft_seconds += time.perf_counter() - observing
-            yield self._commit(result.tokens)
-        self.stats.total_seconds = time.perf_counter() - started
-        tail = self.output.finish()
-        if tail:
-            yield StreamChunk(tail, [])
-
-    def _budget(self, evidence: int) -> int:
-        """Draft nodes for the next step: never more than the tokens still wanted after the bonus token."""
-        room = self.request.max_new_tokens - len(self.generated) - 1
-        if not self.drafter or room <= 0:
-            return 0
-        if self.policy:
-            return self.policy.choose(evidence, limit=room)
-        return min(self.engine.draft_budget, room)
-
-    def _propose(self, ctx: DraftContext, session: TargetSession, budget: int) -> DraftTree:
-        if budget <= 0:
-            return DraftTree.empty()
-        tree = self.drafter.propose(ctx, budget).truncated(budget)
-        if TREE not in session.capabilities and not tree.is_chain():
-            tree = tree.first_chain()
-        return tree
-
-    def _commit(self, tokens: list[int]) -> StreamChunk:
-        """Apply EOS and the token limit to a step's committed tokens and release their text."""
-        chunk, committed = self.output.commit(tokens)
-        self.stats.new_tokens += committed
-        return chunk
-
-    def _done(self) -> bool:
-        return self.output.done
+            sequence.session.close()
+            sequence.release_drafter()
 
     def result(self) -> GenerationResult:
-        return GenerationResult(self.assembler.text, list(self.generated), list(self.request.prompt_ids),
-                                self.finish_reason, self.stats)
+        return self.sequence.result()
 
 
 def _eos_token_ids(loaded: LoadedModel) -> frozenset[int]:

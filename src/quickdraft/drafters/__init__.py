@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from quickdraft.drafters.base import DraftContext, Drafter, DrafterSetup, StepOutcome
@@ -35,6 +36,19 @@ def register(name: str) -> Callable[[type[Drafter]], type[Drafter]]:
         return cls
 
     return decorate
+
+
+@contextmanager
+def restoring_registry() -> Iterator[None]:
+    """Drafters registered inside the block are forgotten when it ends (tests register throwaway drafters);
+    the built-in drafters stay."""
+    _load_builtins()
+    saved = dict(_REGISTRY)
+    try:
+        yield
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)
 
 
 def _load_builtins() -> None:
@@ -95,4 +109,5 @@ __all__ = [
     "create_drafter",
     "drafter_class",
     "register",
+    "restoring_registry",
 ]

@@ -331,6 +331,11 @@ class NativeSession(TargetSession):
         self._rows = None if self._owns_cache else slice(row, row + 1)
 
     @property
+    def shares_cache(self) -> bool:
+        """Whether the session is a view on one row of a shared multi-row cache (a server's batch)."""
+        return not self._owns_cache
+
+    @property
     def cached_length(self) -> int:
         return self.cache.lengths[self._row]
 
