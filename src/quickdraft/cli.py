@@ -12,94 +12,48 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from quickdraft.bench.cli import add_bench_arguments, add_profile_arguments, bench_main, profile_main
+from quickdraft.cli_args import (
+    add_datastore_argument,
+    add_draft_budget_argument,
+    add_drafter_arguments,
+    add_model_arguments,
+    add_model_path_argument,
+    add_sampling_arguments,
+    console,
+    drafter_options,
+    format_size,
+    parse_option,  # noqa: F401 - re-exported: `quickdraft.cli.parse_option` was public before cli_args
+    sampling_options,
+)
 from quickdraft.errors import QuickdraftError
+from quickdraft.server.cli import add_serve_arguments, serve_main
 
-console = Console(stderr=True, soft_wrap=True)
 #: Where a command's results go (the demo's table and what explains it); status and errors go to ``console``.
 results = Console()
 
 
-def parse_option(text: str) -> tuple[str, Any]:
-    """``key=value`` with the value read by :func:`option_value`."""
-    if "=" not in text:
-        raise QuickdraftError(f"--drafter-option expects key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    return key, option_value(raw)
-
-
-def option_value(raw: str) -> Any:
-    """A drafter option's value from the command line: an int, a float, true/false, or else the string."""
-    for convert in (int, float):
-        try:
-            return convert(raw)
-        except ValueError:
-            pass
-    lowered = raw.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    return raw
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it), float32, bfloat16, float16")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-
-
-def add_drafter_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--drafter", default="auto",
-                        help="drafter name, or 'none' for plain decoding (default: auto, the best on most text)")
-    parser.add_argument("--drafter-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="option passed to the drafter (repeatable), e.g. model=PATH for --drafter draft")
-    parser.add_argument("--draft-budget", type=int, default=None, help="draft tokens verified per step")
-    add_datastore_argument(parser)
-
-
-def add_datastore_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--datastore", metavar="STORE", default=None,
-                        help="a datastore built by `quickdraft index`, for the suffix and auto drafters "
-                             "(the same as --drafter-option datastore=STORE)")
-
-
-def _drafter_options(args: argparse.Namespace) -> dict[str, Any]:
-    options = dict(parse_option(item) for item in args.drafter_option)
-    if args.datastore:
-        options["datastore"] = args.datastore
-    return options
-
-
-def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
-            "seed": args.seed}
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=None)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate a reply to ``--prompt``, streamed to stdout; one line of stats to stderr."""
     from quickdraft.engine import Engine, check_max_new_tokens
     from quickdraft.types import SamplingParams
 
-    SamplingParams(**_sampling(args))
+    params = SamplingParams(**sampling_options(args))
     check_max_new_tokens(args.max_new_tokens)
     if not args.prompt.strip():
         raise QuickdraftError("the prompt is empty; pass --prompt TEXT")
-    engine = Engine.from_pretrained(args.model, args.drafter, args.dtype, args.device, _drafter_options(args),
-                                    args.draft_budget)
+    engine = Engine.from_pretrained(args.model, args.drafter, args.dtype, args.device, drafter_options(args),
+                                    args.draft_budget, weights=args.weights)
     ids = engine.encode_prompt(args.prompt)
-    run = engine.start(ids, args.max_new_tokens, SamplingParams(**_sampling(args)), args.stop)
+    run = engine.start(ids, args.max_new_tokens, params, args.stop)
     for chunk in run.chunks():
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
     stats = run.result().stats
-    console.print(f"[dim]{stats.new_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, "
-                  f"tau {stats.tau:.2f}, drafter {stats.drafter}, dtype {str(engine.dtype).replace('torch.', '')}[/dim]")
+    console.print(f"[dim]{stats.new_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, tau {stats.tau:.2f}, "
+                  f"drafter {stats.drafter}, dtype {str(engine.dtype).replace('torch.', '')}, "
+                  f"weights {args.weights}[/dim]")
     return 0
 
 
@@ -125,7 +79,7 @@ def demo_engines(args: argparse.Namespace) -> dict[str, Any]:
 
     names = dict.fromkeys(name.strip() for name in args.methods.split(",") if name.strip() not in ("", "ar"))
     classes = {name: check_drafter_options(name, {}) for name in names}  # unknown names fail before loading
-    base = Engine.from_pretrained(args.model, None, args.dtype, args.device)
+    base = Engine.from_pretrained(args.model, None, args.dtype, args.device, weights=args.weights)
     engines = {"ar": base}
     for name, drafter_class in classes.items():
         takes_store = args.datastore and "datastore" in drafter_class.accepted_options()
@@ -189,26 +143,18 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     if args.action == "clear":
         removed, freed = cache.clear()
-        console.print(f"removed {removed} cache entries ({_size(freed)}) from {cache.cache_root()}")
+        console.print(f"removed {removed} cache entries ({format_size(freed)}) from {cache.cache_root()}")
         return 0
     listed = cache.entries()
     table = Table(title=f"quickdraft cache: {cache.cache_root()}")
     for column in ("kind", "what", "size", "created"):
         table.add_column(column)
     for entry in listed:
-        table.add_row(entry.kind, escape(entry.label), _size(entry.size),
+        table.add_row(entry.kind, escape(entry.label), format_size(entry.size),
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.created)))
     results.print(table)
-    results.print(f"{len(listed)} entries, {_size(sum(entry.size for entry in listed))}")
+    results.print(f"{len(listed)} entries, {format_size(sum(entry.size for entry in listed))}")
     return 0
-
-
-def _size(count: int) -> str:
-    """A byte count for people: 1.2 GB, 340.0 MB, 12.0 kB, 5 B."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count} B"
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -240,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=128)
     demo.add_argument("--methods", default=DEMO_METHODS,
                       help=f"comma-separated: ar (plain decoding) and drafter names (default: {DEMO_METHODS})")
-    demo.add_argument("--draft-budget", type=int, default=None, help="draft tokens verified per step")
+    add_draft_budget_argument(demo)
     add_model_arguments(demo)
     add_datastore_argument(demo)
     demo.set_defaults(handler=cmd_demo)
@@ -252,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="build a retrieval datastore for the suffix drafter")
     index.add_argument("corpus", nargs="+", help="UTF-8 text files")
     index.add_argument("-o", "--output", required=True, help="datastore file to write (.npz)")
-    index.add_argument("--model", default=None, help="model whose tokenizer to use (default: embedded)")
+    add_model_path_argument(index, "model whose tokenizer to use (default: embedded)")
     index.set_defaults(handler=cmd_index)
 
     _add_optional_commands(sub)
@@ -261,17 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub: Any) -> None:
     """Subcommands whose modules live in their own packages."""
-    from quickdraft.bench.cli import add_bench_arguments, add_profile_arguments, bench_main, profile_main
-
     bench = sub.add_parser("bench", help="Spec-Bench-style side-by-side benchmark")
     add_bench_arguments(bench)
     bench.set_defaults(handler=bench_main)
     profile = sub.add_parser("profile", help="measure the verification cost curve c(k)")
     add_profile_arguments(profile)
     profile.set_defaults(handler=profile_main)
-
-    from quickdraft.server.cli import add_serve_arguments, serve_main
-
     serve = sub.add_parser("serve", help="OpenAI-compatible server with batched speculative decoding")
     add_serve_arguments(serve)
     serve.set_defaults(handler=serve_main)

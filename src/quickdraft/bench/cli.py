@@ -20,6 +20,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from quickdraft.cli_args import (
+    add_datastore_argument,
+    add_model_arguments,
+    format_size,
+    frees_transformers_weights,
+    option_value,
+)
 from quickdraft.errors import InvalidRequestError, QuickdraftError
 
 if TYPE_CHECKING:
@@ -40,30 +47,26 @@ PROFILE_DESCRIPTION = (
     "repeats); optionally rate each method of a bench JSON against the bound tau / (c(k) + draft cost)."
 )
 DEFAULT_METHODS = "ar,hf,hf-pld,ngram"
-
-
-def add_common_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="local model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+#: The default methods with ``--weights`` that frees the transformers model's weights (no transformers methods).
+DEFAULT_QUANTIZED_METHODS = "ar,ngram"
+#: The methods that run the transformers model (``generate``), which quantized weights leave without weights.
+TRANSFORMERS_METHODS = ("hf", "hf-pld", "hf-assisted")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``quickdraft bench``."""
-    from quickdraft.cli import add_datastore_argument
-
-    add_common_model_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--dataset", metavar="PATH", default=None,
                         help="Spec-Bench-format JSONL (question_id, category, turns per line); "
                              "default: the built-in prompt set")
     parser.add_argument("--per-category", metavar="N", type=int, default=None,
                         help="first N questions of each task group (MT-Bench's 8 categories count as one group, "
                              "'multi-turn'); default: all")
-    parser.add_argument("--methods", default=DEFAULT_METHODS,
+    parser.add_argument("--methods", default=None,
                         help="comma-separated: ar (baseline, always run), any registered drafter (NAME@N: with "
                              "a fixed budget of N draft nodes per step instead of the adaptive one), hf, hf-pld, "
-                             f"hf-assisted (needs --draft-model), llamacpp (default: {DEFAULT_METHODS})")
+                             f"hf-assisted (needs --draft-model), llamacpp (default: {DEFAULT_METHODS}; "
+                             f"{DEFAULT_QUANTIZED_METHODS} with --weights other than dense)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per answer (default: 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with temperature > 0 (default: 1)")
@@ -83,7 +86,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``quickdraft profile``."""
-    add_common_model_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--ks", default=None, help="comma-separated k values, e.g. 1,2,4,8,16,32,64 (default: 1..64)")
     parser.add_argument("--context", type=int, default=300, help="tokens already in the KV cache (default: 300)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per k; the median is kept (default: 7)")
@@ -100,10 +103,9 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_drafter_options(items: Sequence[str], methods: Sequence[str],
                           datastore: str | None = None) -> dict[str, dict[str, Any]]:
     """``["ngram:n=3", "k=4"]`` -> per-method option dicts (an unscoped option goes to every drafter method);
-    values are read as by ``quickdraft generate --drafter-option`` (:func:`quickdraft.cli.option_value`).
+    values are read as by ``quickdraft generate --drafter-option`` (:func:`quickdraft.cli_args.option_value`).
     ``datastore`` goes to every drafter method that takes one."""
     from quickdraft.bench.runners import BASELINE, PEERS
-    from quickdraft.cli import option_value
 
     drafters = [m for m in methods if m != BASELINE and m not in PEERS]
     options: dict[str, dict[str, Any]] = {m: {} for m in drafters}
@@ -137,6 +139,24 @@ def _add_datastore(options: dict[str, dict[str, Any]], datastore: str) -> None:
         options[method]["datastore"] = datastore
 
 
+def bench_methods(spec: str | None, weights: str) -> list[str]:
+    """The methods of ``--methods`` (None: the default for ``weights``). Raises InvalidRequestError, before
+    anything loads, for a transformers method with weights that free the transformers model's weights."""
+    from quickdraft.bench.runners import split_methods
+
+    if spec is None:
+        spec = DEFAULT_QUANTIZED_METHODS if frees_transformers_weights(weights) else DEFAULT_METHODS
+    methods = split_methods(spec)
+    refused = [m for m in methods if m in TRANSFORMERS_METHODS]
+    if refused and frees_transformers_weights(weights):
+        freed = "may free (if it chooses a quantized mode)" if weights == "auto" else "frees"
+        raise InvalidRequestError(
+            f"--weights {weights} {freed} the transformers model's weights, so the transformers methods "
+            f"{', '.join(refused)} cannot run; leave them out of --methods "
+            f"(e.g. --methods {','.join(m for m in methods if m not in refused)}), or pass --weights dense")
+    return methods
+
+
 def _error(message: str) -> int:
     from rich.console import Console
     from rich.markup import escape
@@ -160,7 +180,7 @@ def _bench(args: argparse.Namespace) -> int:
     from quickdraft.bench.harness import count_generations
     from quickdraft.bench.report import render_table
     from quickdraft.bench.run import run_bench
-    from quickdraft.bench.runners import check_methods, parse_method, split_methods
+    from quickdraft.bench.runners import check_methods, parse_method
     from quickdraft.drafters import check_drafter_options
     from quickdraft.engine import check_max_new_tokens
     from quickdraft.types import SamplingParams
@@ -169,7 +189,7 @@ def _bench(args: argparse.Namespace) -> int:
     check_max_new_tokens(args.max_new_tokens, "--max-new-tokens")
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     questions = load_questions(args.dataset, args.per_category)
-    methods = split_methods(args.methods)
+    methods = bench_methods(args.methods, args.weights)
     check_methods(methods, draft_model=args.draft_model)
     options = parse_drafter_options(args.drafter_option, methods, args.datastore)
     for method, method_options in options.items():
@@ -178,7 +198,7 @@ def _bench(args: argparse.Namespace) -> int:
     from quickdraft.engine import Engine
 
     with console.status("loading the model ..."):
-        engine = Engine.from_pretrained(args.model, None, dtype=args.dtype, device=args.device)
+        engine = Engine.from_pretrained(args.model, None, dtype=args.dtype, device=args.device, weights=args.weights)
     settings = {
         "dataset": args.dataset or "built-in",
         "per_category": args.per_category,
@@ -270,8 +290,11 @@ def _measured_curve(args: argparse.Namespace, console: Console) -> tuple[list[Co
     ks = prof.parse_ks(args.ks)
     if args.context < 1:
         raise InvalidRequestError(f"--context must be >= 1, got {args.context}")
+    if args.backend == "hf" and frees_transformers_weights(args.weights):
+        raise InvalidRequestError(f"--backend hf times the transformers model, whose weights --weights "
+                                  f"{args.weights} may free; pass --backend engine, or --weights dense")
     with console.status("loading the model ..."):
-        engine = Engine.from_pretrained(args.model, None, dtype=args.dtype, device=args.device)
+        engine = Engine.from_pretrained(args.model, None, dtype=args.dtype, device=args.device, weights=args.weights)
     timer = prof.make_timer(engine, ks, args.backend, args.context)
     with _progress_bar(console, "timing forwards", args.repeats * len(ks)) as step:
         curve = prof.measure_cost_curve(timer, ks, args.repeats, on_measure=lambda k: step())
@@ -282,7 +305,8 @@ def _measured_curve(args: argparse.Namespace, console: Console) -> tuple[list[Co
 def _print_curve(curve: list[CostPoint], settings: dict[str, Any], console: Console) -> None:
     from rich.table import Table
 
-    console.print(f"model {settings.get('model', '?')} ({settings.get('dtype', '?')}, {settings.get('device', '?')}); "
+    console.print(f"model {settings.get('model', '?')} ({settings.get('dtype', '?')}, {settings.get('device', '?')}, "
+                  f"weights {settings.get('weights') or '?'}{_resident(settings)}); "
                   f"forward: {settings.get('backend', '?')}; context {settings.get('context', '?')} tokens, "
                   f"median of {settings.get('repeats', '?')}")
     table = Table(title="verification cost c(k)", title_justify="left")
@@ -294,6 +318,13 @@ def _print_curve(curve: list[CostPoint], settings: dict[str, Any], console: Cons
     console.print(table)
 
 
+def _resident(settings: dict[str, Any]) -> str:
+    """``", resident 612.3 MB"`` from the settings' ``resident_bytes`` (the process's resident memory after
+    loading), or nothing where it is unknown."""
+    count = settings.get("resident_bytes")
+    return f", resident {format_size(count)}" if count else ""
+
+
 def _print_efficiency(bench: dict[str, Any], curve: list[CostPoint], settings: dict[str, Any],
                       console: Console) -> None:
     """Each method's measured speedup against the bound its tau and the curve allow."""
@@ -301,7 +332,7 @@ def _print_efficiency(bench: dict[str, Any], curve: list[CostPoint], settings: d
 
     from quickdraft.bench import profile as prof
 
-    for key in ("model", "dtype", "device"):
+    for key in ("model", "dtype", "weights", "device"):
         if key in bench and key in settings and bench[key] != settings[key]:
             console.print(f"[yellow]note: the bench ran with {key} {bench[key]!r}, "
                           f"this curve with {settings[key]!r}[/yellow]")

@@ -12,6 +12,7 @@ from quickdraft.bench.metrics import aggregate
 from quickdraft.bench.report import BenchReport, hardware_info, source_revision
 from quickdraft.bench.runners import MethodRunner, build_runners, split_methods
 from quickdraft.errors import InvalidRequestError
+from quickdraft.models.quantized import resident_bytes
 from quickdraft.types import SamplingParams
 
 
@@ -20,14 +21,25 @@ def dtype_name(dtype: Any) -> str:
 
 
 def engine_settings(engine: Any) -> dict[str, Any]:
-    """The report's description of the engine: model path, dtype, device, hardware."""
+    """The report's description of the engine: model path, dtype, weights mode, device, hardware, and
+    ``resident_bytes``: this process's resident memory (VmRSS) when called, i.e. the loaded model with the
+    Python, PyTorch and transformers it runs on (called right after loading, before anything else is built)."""
     return {
         "model": str(engine.model_path),
         "dtype": dtype_name(engine.dtype),
+        "weights": weights_mode(engine),
+        "resident_bytes": resident_bytes(),
         "device": str(engine.device),
         "hardware": hardware_info(engine.device),
         "quickdraft": source_revision(),
     }
+
+
+def weights_mode(engine: Any) -> str | None:
+    """The weights mode ``engine``'s model was loaded with (``dense``, ``int8``, ``int4`` or ``auto``, as asked;
+    :mod:`quickdraft.models.quantized`); None for a model built in memory, whose mode is not recorded."""
+    key = getattr(engine.loaded, "cache_key", None) or {}
+    return key.get("weights")
 
 
 def run_bench(
@@ -55,6 +67,9 @@ def run_bench(
     if not questions:
         raise InvalidRequestError("no questions to benchmark")
     params = params or SamplingParams()
+    # Read before the methods are built (their drafters and peers add memory) and before measuring (the code
+    # that runs is the code loaded at the start).
+    full_settings: dict[str, Any] = engine_settings(engine) if engine is not None else {}
     if runners is None:
         if engine is None:
             raise InvalidRequestError("run_bench needs an engine or ready runners")
@@ -71,8 +86,6 @@ def run_bench(
         if engine is None:
             raise InvalidRequestError("run_bench needs an engine or a conversation")
         conversation = EngineConversation(engine)
-    # The source revision is read before measuring: the code that runs is the code loaded at the start.
-    full_settings: dict[str, Any] = engine_settings(engine) if engine is not None else {}
     run = run_loop(
         questions,
         runners,

@@ -10,16 +10,25 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from quickdraft.cli_args import add_drafter_arguments, add_model_arguments, console, drafter_options
+from quickdraft.draft_budget import DEFAULT_MAX_DRAFT
 from quickdraft.errors import QuickdraftError
 
 log = logging.getLogger(__name__)
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from quickdraft.cli import add_drafter_arguments, add_model_arguments
+#: The largest draft budget ``--max-draft`` accepts.
+MAX_DRAFT_LIMIT = 64
 
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``quickdraft serve``: the model, the drafter (``--draft-budget N`` fixes N draft nodes
+    per sequence and step, as in ``generate``; ``--max-draft`` caps the load-adaptive budget), and the server."""
     add_model_arguments(parser)
     add_drafter_arguments(parser)
+    parser.add_argument("--max-draft", type=int, default=None, metavar="N",
+                        help="the largest draft budget per sequence the load-adaptive policy may choose "
+                             f"(default: {DEFAULT_MAX_DRAFT}; not with --draft-budget, which fixes the budget)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: loopback only; 0.0.0.0 exposes the server to the network)")
     parser.add_argument("--port", type=int, default=8000)
@@ -42,32 +51,29 @@ def serve_main(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from quickdraft.batching import BatchScheduler
-    from quickdraft.cli import _drafter_options, console
     from quickdraft.engine import Engine, check_drafter
     from quickdraft.server.app import create_app
 
     _check_args(args)
-    check_drafter(args.drafter, _drafter_options(args))
+    check_drafter(args.drafter, drafter_options(args))
     if args.threads:
         torch.set_num_threads(args.threads)
     listener = _bind(args.host, args.port)  # fail fast (port in use) before loading the model
     try:
-        engine = Engine.from_pretrained(args.model, None, args.dtype, args.device)
-        options = _shared_drafter_options(_drafter_options(args), engine)
+        engine = Engine.from_pretrained(args.model, None, args.dtype, args.device, weights=args.weights)
+        options = _shared_drafter_options(drafter_options(args), engine)
         name = args.served_model_name or _default_name(engine.model_path)
-        console.print(f"[dim]model {engine.model_path} ({str(engine.dtype).replace('torch.', '')}), drafter "
-                      f"{args.drafter}, max batch {args.max_batch}; measuring the verification cost curve...[/dim]")
-        scheduler = BatchScheduler(engine, args.drafter, options, max_batch=args.max_batch,
-                                   max_draft=args.draft_budget if args.draft_budget is not None else 16,
-                                   max_seq_len=args.max_seq_len, max_waiting=args.max_waiting)
-        scheduler.start()
+        budget = ("measuring the verification cost curve..." if args.draft_budget is None
+                  else f"fixed draft budget {args.draft_budget}")
+        console.print(f"[dim]model {engine.model_path} ({str(engine.dtype).replace('torch.', '')}, weights "
+                      f"{args.weights}), drafter {args.drafter}, max batch {args.max_batch}; {budget}[/dim]")
+        scheduler = _start_scheduler(engine, options, args)
     except BaseException:
         listener.close()
         raise
-    if scheduler.cost_curve is not None:
+    if scheduler.cost_curve is not None and args.draft_budget is None:
         curve = scheduler.cost_curve
-        points = ", ".join(f"c({r})={c:.2f}" for r, c in zip(curve.rows, curve.relative_cost))
+        points = ", ".join(f"c({r})={c:.2f}" for r, c in zip(curve.rows, curve.relative_cost, strict=True))
         console.print(f"[dim]cost curve: {points}[/dim]")
     if not _is_loopback(args.host) and not args.api_key:
         console.print(f"[bold yellow]warning:[/bold yellow] listening on {args.host} without --api-key: anyone who "
@@ -85,13 +91,36 @@ def serve_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_scheduler(engine: Any, options: dict[str, Any], args: argparse.Namespace) -> Any:
+    """A started :class:`~quickdraft.batching.BatchScheduler`: the load-adaptive budget up to ``--max-draft``
+    (on the cost curve measured at start), or ``--draft-budget`` draft nodes for every sequence and step (no
+    curve is measured: a fixed budget does not read it)."""
+    from quickdraft.batching import BatchScheduler
+    from quickdraft.budget import CostCurve
+    from quickdraft.draft_budget import FixedBudget
+
+    fixed = args.draft_budget
+    max_draft = fixed if fixed is not None else args.max_draft if args.max_draft is not None else DEFAULT_MAX_DRAFT
+    scheduler = BatchScheduler(engine, args.drafter, options, max_batch=args.max_batch, max_draft=max_draft,
+                               max_seq_len=args.max_seq_len, max_waiting=args.max_waiting,
+                               cost_curve=CostCurve.flat() if fixed is not None else None)
+    scheduler.start()
+    if fixed is not None and scheduler.max_draft > 0:
+        scheduler.policy = FixedBudget(fixed)  # before any request: the server is not listening yet
+    return scheduler
+
+
 def _check_args(args: argparse.Namespace) -> None:
     if not 1 <= args.max_batch <= 1024:
         raise QuickdraftError(f"--max-batch must be between 1 and 1024, got {args.max_batch}")
     if args.max_seq_len < 2:
         raise QuickdraftError(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
-    if args.draft_budget is not None and not 0 <= args.draft_budget <= 64:
-        raise QuickdraftError(f"--draft-budget must be between 0 and 64 for serve, got {args.draft_budget}")
+    if args.draft_budget is not None and args.max_draft is not None:
+        raise QuickdraftError("--draft-budget fixes the draft budget and --max-draft caps the adaptive one; "
+                              "pass one of them")
+    for flag, value in (("--draft-budget", args.draft_budget), ("--max-draft", args.max_draft)):
+        if value is not None and not 0 <= value <= MAX_DRAFT_LIMIT:
+            raise QuickdraftError(f"{flag} must be between 0 and {MAX_DRAFT_LIMIT} for serve, got {value}")
     if not 0 <= args.port <= 65535:
         raise QuickdraftError(f"--port must be between 0 and 65535, got {args.port}")
     if args.max_body_bytes < 1024:
