@@ -109,6 +109,12 @@ def test_auto_judges_a_source_separately_per_evidence_level():
 def test_cost_curve_interpolates():
     curve = CostCurve((1, 8, 32), (1.0, 1.2, 3.0))
     assert curve(1) == 1.0 and abs(curve(20) - 2.1) < 1e-9
+    assert curve(0) == 1.0 and curve(64) == 3.0  # the end values beyond the measured points
+    assert curve(64, extrapolate=True) == pytest.approx(3.0 + 1.8 / 24 * 32)  # the last segment continued
+    assert curve(0, extrapolate=True) == 1.0
+    falling = CostCurve((1, 2, 4), (1.0, 1.5, 1.4))
+    assert falling(8, extrapolate=True) == 1.4  # never downward
+    assert CostCurve((1,), (1.0,))(8, extrapolate=True) == 1.0
 
 
 def test_policy_prefers_big_trees_when_verification_is_free_and_small_when_it_is_not():

@@ -7,7 +7,7 @@ import pytest
 from conftest import TINY_VOCAB, perturbed_copy, tiny_engine
 from quickdraft.drafters import available_drafters, register
 from quickdraft.drafters.base import DraftContext, Drafter
-from quickdraft.engine import Engine, plain_transcript
+from quickdraft.engine import Engine, check_prompt, eos_token_ids, plain_transcript
 from quickdraft.errors import InvalidRequestError, UnknownDrafterError
 from quickdraft.models.native import NativeCausalLM
 from quickdraft.types import DraftTree, SamplingParams
@@ -225,3 +225,31 @@ def test_start_returns_a_public_generation_handle():
     assert isinstance(generation, Generation)
     streamed = [t for chunk in generation.chunks() for t in chunk.token_ids]
     assert streamed == generation.result().token_ids == engine.generate_ids(PROMPTS[0], 12).token_ids
+
+
+def test_check_prompt_is_the_one_empty_prompt_check():
+    for empty, fragment in [("", "pass some text"), ("  \n", "pass some text"), ([], "pass at least one token")]:
+        with pytest.raises(InvalidRequestError, match=f"the prompt is empty; {fragment}"):
+            check_prompt(empty)
+    check_prompt(" ", blank_is_empty=False)  # text continued as it is (the server's completions)
+    with pytest.raises(InvalidRequestError, match="prompt is empty"):
+        check_prompt("", blank_is_empty=False)
+    check_prompt("hi")
+    check_prompt([0])
+
+
+def test_eos_token_ids_take_the_tokenizer_then_the_generation_config_each_once():
+    class Config:
+        eos_token_id = [7, 3, 7]
+
+    class Model:
+        generation_config = Config()
+
+    class Tokenizer:
+        eos_token_id = 3
+
+    assert eos_token_ids(Tokenizer(), Model()) == [3, 7]
+    Config.eos_token_id = 9
+    assert eos_token_ids(Tokenizer()) == [3] and eos_token_ids(object(), Model()) == [9]
+    Tokenizer.eos_token_id = None
+    assert eos_token_ids(Tokenizer(), object()) == []

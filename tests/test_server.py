@@ -592,6 +592,9 @@ def _parse_error(body: dict, chat: bool = False):
     (with_(GOOD, prompt=[1, "A"]), False, "prompt", "invalid_type",
      "Invalid type for 'prompt': expected a string or a list of token ids, but got an array."),
     (with_(GOOD, min_p=1.5), False, "min_p", "invalid_value", "min_p must be in [0, 1) (0 disables it), got 1.5"),
+    (with_(GOOD, prompt=""), False, "prompt", "invalid_value", "the prompt is empty; pass some text to continue"),
+    (with_(GOOD, prompt=[]), False, "prompt", "invalid_value", "the prompt is empty; pass at least one token"),
+    (with_(GOOD, max_tokens=0), False, "max_tokens", "invalid_value", "max_tokens must be an integer >= 1, got 0"),
     (with_(GOOD, stop=["x"] * 17), False, "stop", "invalid_value", "at most 16 stop strings are supported, got 17"),
     (with_(GOOD, presence_penalty=False), False, "presence_penalty", "unsupported_parameter",
      "'presence_penalty' is not supported by this server (got False); omit it or leave it at its default"),
@@ -615,6 +618,7 @@ def test_parse_treats_null_as_omitted_and_normalizes_prompts_and_messages():
     assert parsed.prompt == "ABAB" and parsed.stop == [] and parsed.max_tokens == 16 and not parsed.max_tokens_given
     assert parsed.params.top_k == 0 and parsed.params.temperature == 0
     assert parse_completion(with_(GOOD, prompt=[[1, 2]], seed=2**64 - 1), {MODEL}).params.seed == 2**63 - 1
+    assert parse_completion(with_(GOOD, prompt=" "), {MODEL}).prompt == " "  # continued as it is: not empty
     chat = parse_chat(with_(CHAT, max_tokens=3, max_completion_tokens=5, messages=[
         {"role": "developer", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]}]), {MODEL})
     assert chat.prompt == [{"role": "system", "content": "AB"}] and chat.max_tokens == 5 and chat.max_tokens_given

@@ -2,7 +2,7 @@
 
 A batched verification forward over ``B`` sequences, each given ``b`` draft nodes, runs ``B * (1 + b)`` rows
 (rows are padded to the widest tree) and costs ``c(B * (1 + b))`` times a 1-row forward, where ``c`` is the
-measured :class:`~quickdraft.budget.CostCurve`. Sequence ``i`` then commits ``1 + E[accepted_i(b)]`` tokens.
+measured :class:`~quickdraft.budget.CostCurve` (extrapolated beyond its last point). Sequence ``i`` then commits ``1 + E[accepted_i(b)]`` tokens.
 The policy picks the per-sequence budget
 
     b* = argmax_b  sum_i (1 + E[accepted_i(min(b, room_i))])  /  c(B * (1 + max_i min(b, room_i))),
@@ -62,20 +62,12 @@ class BatchBudgetPolicy:
     def rate(self, estimate: AcceptanceEstimate) -> float:
         return estimate.rate(self.prior, self.prior_weight)
 
-    def cost(self, rows: int) -> float:
-        """``c(rows)``, extrapolated linearly beyond the last measured point."""
-        last, before = self.curve.rows[-1], self.curve.rows[-2] if len(self.curve.rows) > 1 else None
-        if rows <= last or before is None:
-            return self.curve(rows)
-        slope = (self.curve.relative_cost[-1] - self.curve.relative_cost[-2]) / (last - before)
-        return self.curve.relative_cost[-1] + max(slope, 0.0) * (rows - last)
-
     def score(self, budget: int, rates: Sequence[float], rooms: Sequence[int]) -> float:
         """Expected committed tokens per unit of forward time when every sequence gets ``budget`` nodes."""
         budgets = [max(0, min(budget, room)) for room in rooms]
         tokens = sum(1.0 + chain_accepted(alpha, b) for alpha, b in zip(rates, budgets))
         rows = len(budgets) * (1 + max(budgets, default=0))
-        return tokens / self.cost(rows)
+        return tokens / self.curve(rows, extrapolate=True)
 
     def choose(self, rates: Sequence[float], rooms: Sequence[int]) -> int:
         """The per-sequence budget for the next step (each sequence still gets at most its room)."""

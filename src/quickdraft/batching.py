@@ -49,7 +49,7 @@ from quickdraft.budget import CostCurve
 from quickdraft.decoding import OutputTracker, Sequence, StreamChunk, cache_slots, prefill, step
 from quickdraft.draft_budget import DEFAULT_MAX_DRAFT, DraftBudget, FixedBudget, LoadAdaptiveBudget
 from quickdraft.drafters import Drafter, DrafterSetup, create_drafter
-from quickdraft.engine import Engine, check_drafter, check_max_new_tokens
+from quickdraft.engine import Engine, check_drafter, check_max_new_tokens, check_prompt
 from quickdraft.errors import InvalidRequestError, QuickdraftError
 from quickdraft.models.base import TargetSession
 from quickdraft.models.native import NativeCausalLM, NativeSession
@@ -363,8 +363,7 @@ class BatchScheduler:
     def _limit(self, request: ServeRequest, prompt_ids: list[int]) -> int:
         """The tokens the request may generate: see :class:`ServeRequest` (``max_new_tokens``,
         ``fit_to_context``)."""
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty; pass at least one token")
+        check_prompt(prompt_ids)
         if len(prompt_ids) >= self.max_seq_len:
             raise ContextLengthError(
                 f"This model's maximum context length is {self.max_seq_len} tokens, but the prompt has "

@@ -43,8 +43,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
+from quickdraft.devices import synchronize
 from quickdraft.models.base import TargetModel
 from quickdraft.types import DraftTree
 
@@ -63,7 +63,13 @@ class CostCurve:
     rows: tuple[int, ...]
     relative_cost: tuple[float, ...]
 
-    def __call__(self, rows: int) -> float:
+    def __call__(self, rows: float, extrapolate: bool = False) -> float:
+        """``c(rows)``: linear between measured points; below the first, its cost; beyond the last, its cost,
+        or with ``extrapolate`` the last segment continued (never downward)."""
+        last = self.rows[-1]
+        if extrapolate and rows > last and len(self.rows) > 1:
+            slope = (self.relative_cost[-1] - self.relative_cost[-2]) / (last - self.rows[-2])
+            return self.relative_cost[-1] + max(slope, 0.0) * (rows - last)
         return float(np.interp(rows, self.rows, self.relative_cost))
 
     def to_json(self) -> str:
@@ -100,17 +106,12 @@ class CostCurve:
             for index, count in enumerate(rows):
                 start = time.perf_counter()
                 session.verify(1, DraftTree.chain([1] * (count - 1)))
-                _synchronize(target.device)
+                synchronize(target.device)
                 best[index] = min(best[index], time.perf_counter() - start)
                 session.truncate(context)
         session.close()
         relative = np.maximum.accumulate(np.array(best) / best[0])
         return cls(tuple(rows), tuple(float(c) for c in relative))
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class BudgetPolicy:

@@ -51,7 +51,7 @@ class Engine:
         self.loaded = loaded
         self.drafter = drafter
         self.draft_budget = draft_budget
-        self.eos_token_ids = _eos_token_ids(loaded)
+        self.eos_token_ids = frozenset(eos_token_ids(loaded.tokenizer, loaded.hf_model))
 
     def budget_policy(self) -> DraftBudget:
         """The draft budget policy of one request: fixed (``draft_budget``, or 0 without a drafter), or the
@@ -109,8 +109,7 @@ class Engine:
     def encode_prompt(self, prompt: str | Messages) -> list[int]:
         """Token ids of a plain prompt, or of chat ``messages`` with the model's chat template applied."""
         if isinstance(prompt, str):
-            if not prompt.strip():
-                raise InvalidRequestError("the prompt is empty; pass some text to continue")
+            check_prompt(prompt)
             if getattr(self.tokenizer, "chat_template", None):
                 prompt = [{"role": "user", "content": prompt}]
             else:
@@ -145,8 +144,7 @@ class Engine:
 
     def _request(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
                  stop: list[str] | None) -> GenerationRequest:
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty; pass at least one token")
+        check_prompt(prompt_ids)
         check_max_new_tokens(max_new_tokens)
         context = self.loaded.target.max_context
         if len(prompt_ids) >= context:
@@ -190,14 +188,27 @@ class Generation:
         return self.sequence.result()
 
 
-def _eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
-    ids: set[int] = set()
-    for source in (loaded.tokenizer.eos_token_id, getattr(loaded.hf_model.generation_config, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(source)
-    return frozenset(ids)
+def eos_token_ids(tokenizer: Any, hf_model: Any = None) -> list[int]:
+    """The end-of-sequence ids of a model: the tokenizer's, then those of the model's generation config
+    (one id or a list), each once."""
+    config = getattr(hf_model, "generation_config", None)
+    ids: list[int] = []
+    for source in (getattr(tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None)):
+        for token in [source] if isinstance(source, int) else source or []:
+            if int(token) not in ids:
+                ids.append(int(token))
+    return ids
+
+
+def check_prompt(prompt: str | list[int], blank_is_empty: bool = True) -> None:
+    """Fail with :class:`InvalidRequestError` on an empty prompt: token ids, none; text, no characters, or
+    with ``blank_is_empty`` (text that becomes the user's message) only whitespace. ``blank_is_empty=False``
+    is for text continued as it is (the server's completions), where a space is a prompt."""
+    if isinstance(prompt, str):
+        if not (prompt.strip() if blank_is_empty else prompt):
+            raise InvalidRequestError("the prompt is empty; pass some text to continue")
+    elif not prompt:
+        raise InvalidRequestError("the prompt is empty; pass at least one token")
 
 
 def check_max_new_tokens(max_new_tokens: object, name: str = "max_new_tokens") -> None:

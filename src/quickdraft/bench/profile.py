@@ -26,7 +26,8 @@ Assumptions where the bench JSON lacks a value (each reported in the row's "assu
 - ``mean_accepted`` (tau) missing, as for peers: no bound; the row says so.
 
 c(k) at a non-measured k is interpolated linearly between measured ks, and extrapolated linearly from the
-last two beyond the largest (clamped to at least c(1) = 1 below it).
+last two beyond the largest (never downward; clamped to at least c(1) = 1 below it), as
+:class:`~quickdraft.budget.CostCurve` does.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from typing import Any
 
 import torch
 
+from quickdraft.budget import CostCurve
+from quickdraft.devices import synchronize
 from quickdraft.errors import InvalidRequestError
 from quickdraft.types import DraftTree
 
@@ -109,11 +112,6 @@ def measure_cost_curve(
     return [CostPoint(k, medians[k], medians[k] / base if base > 0 else float("nan")) for k in ks]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class TargetForwardTimer:
     """Times the engine's own verification forward: ``session.verify(root, chain of k - 1 tokens)``."""
 
@@ -130,10 +128,10 @@ class TargetForwardTimer:
     def __call__(self, k: int) -> float:
         tree = DraftTree.chain(self.filler[1:k])
         with torch.inference_mode():
-            _sync(self.device)
+            synchronize(self.device)
             start = time.perf_counter()
             self.session.verify(self.filler[0], tree)
-            _sync(self.device)
+            synchronize(self.device)
             seconds = time.perf_counter() - start
         self.session.truncate(self.length)
         return seconds
@@ -155,7 +153,7 @@ class HFForwardTimer:
     def __call__(self, k: int) -> float:
         positions = torch.arange(self.length, self.length + k, device=self.device)
         with torch.inference_mode():
-            _sync(self.device)
+            synchronize(self.device)
             start = time.perf_counter()
             self.model(
                 input_ids=self.filler[:, :k],
@@ -164,7 +162,7 @@ class HFForwardTimer:
                 cache_position=positions,
                 use_cache=True,
             )
-            _sync(self.device)
+            synchronize(self.device)
             seconds = time.perf_counter() - start
         # A negative argument removes that many tokens (transformers >= 5 rejects a positive target length).
         extra = self.cache.get_seq_length() - self.length
@@ -190,19 +188,13 @@ def make_timer(engine: Any, ks: Sequence[int], backend: str = "auto", length: in
 
 
 def interpolate_cost(curve: Sequence[CostPoint], k: float) -> float:
-    """c(k) at any k >= 1: linear between measured points, linear extrapolation past the largest."""
+    """c(k) at any k >= 1: :class:`~quickdraft.budget.CostCurve`'s interpolation of the measured points,
+    extrapolated past the largest."""
     points = sorted((p.k, p.cost) for p in curve)
     if not points:
         raise ValueError("empty cost curve")
-    if k <= points[0][0]:
-        return points[0][1]
-    for (k0, c0), (k1, c1) in zip(points, points[1:]):
-        if k <= k1:
-            return c0 + (c1 - c0) * (k - k0) / (k1 - k0)
-    if len(points) == 1:
-        return points[0][1]
-    (k0, c0), (k1, c1) = points[-2], points[-1]
-    return c1 + (c1 - c0) * (k - k1) / (k1 - k0)
+    ks, costs = zip(*points)
+    return CostCurve(ks, costs)(k, extrapolate=True)
 
 
 def efficiency_row(name: str, entry: dict[str, Any], curve: Sequence[CostPoint]) -> dict[str, Any]:

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from quickdraft.bench.top2 import Top2, Top2Recorder
-from quickdraft.engine import Engine
+from quickdraft.devices import synchronize
+from quickdraft.engine import Engine, eos_token_ids
 from quickdraft.errors import InvalidRequestError
+from quickdraft.models.loading import LoadedModel, load_draft_model
 from quickdraft.types import SamplingParams
 
 BASELINE = "ar"
@@ -67,11 +68,6 @@ class MethodRunner(Protocol):
     def run(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams) -> MethodOutput: ...
 
 
-def _sync(device: torch.device | str | None) -> None:
-    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
-        torch.cuda.synchronize(device)
-
-
 def cut_at_eos(token_ids: Iterable[int], eos_ids: Iterable[int]) -> list[int]:
     """The tokens before the first end-of-sequence token."""
     eos = set(eos_ids)
@@ -100,21 +96,6 @@ def engine_eos_ids(engine: Any) -> list[int]:
     return eos_token_ids(engine.tokenizer, engine.hf_model)
 
 
-def eos_token_ids(tokenizer: Any, hf_model: Any = None) -> list[int]:
-    """End-of-sequence ids: the tokenizer's, and those in the model's generation config."""
-    ids: list[int] = []
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    config = getattr(hf_model, "generation_config", None)
-    extra = getattr(config, "eos_token_id", None)
-    if isinstance(extra, int):
-        extra = [extra]
-    for token in extra or []:
-        if int(token) not in ids:
-            ids.append(int(token))
-    return ids
-
-
 class EngineRunner:
     """quickdraft's own decoding (``ar``) or one drafter, on an Engine owned by this runner.
 
@@ -131,10 +112,10 @@ class EngineRunner:
         device = getattr(self.engine, "device", None)
         if self.recorder:
             self.recorder.reset()
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         result = self.engine.generate_ids(list(prompt_ids), max_new_tokens, params)
-        _sync(device)
+        synchronize(device)
         seconds = time.perf_counter() - start
         stats = result.stats
         return MethodOutput(
@@ -210,10 +191,10 @@ class HFRunner:
         if params.seed is not None:
             torch.manual_seed(params.seed)
         with torch.inference_mode():
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            _sync(device)
+            synchronize(device)
             seconds = time.perf_counter() - start
         new = output[0, input_ids.shape[1] :].tolist()
         return MethodOutput(token_ids=cut_at_eos(new, self.eos_ids), seconds=seconds)
@@ -293,24 +274,6 @@ def import_llama() -> Any:
     return Llama
 
 
-def load_draft_hf_model(path: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
-    """Tokenizer and transformers model of a local draft model (a directory or a .gguf file)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from quickdraft.errors import ModelLoadError
-
-    local = Path(path).expanduser()
-    if not local.exists():
-        raise ModelLoadError(f"draft model path {path!r} does not exist; pass a local directory or .gguf file")
-    directory, extra = (local.parent, {"gguf_file": local.name}) if local.is_file() else (local, {})
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **extra)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True, **extra)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise ModelLoadError(f"could not load the draft model from {path}: {error}") from error
-    return tokenizer, model.to(device).eval()
-
-
 def split_methods(spec: str | Iterable[str]) -> list[str]:
     """Method names from ``"a,b,c"``; the baseline ``ar`` is put first (added if missing); no duplicates."""
     names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
@@ -376,7 +339,7 @@ def build_runners(
     """
     drafter_options = drafter_options or {}
     runners: list[MethodRunner] = []
-    draft: tuple[Any, Any] | None = None
+    draft: LoadedModel | None = None
     eos = engine_eos_ids(engine)
     for name in methods:
         if name == BASELINE:
@@ -393,8 +356,8 @@ def build_runners(
             if not draft_model:
                 raise InvalidRequestError("method 'hf-assisted' needs a draft model: pass --draft-model PATH")
             if draft is None:
-                draft = load_draft_hf_model(draft_model, engine.dtype, engine.device)
-            draft_tokenizer, draft_hf = draft
+                draft = load_draft_model(draft_model, engine.dtype, engine.device)
+            draft_tokenizer, draft_hf = draft.tokenizer, draft.hf_model
             target_vocab = engine.hf_model.config.get_text_config().vocab_size
             same_vocab = draft_hf.config.get_text_config().vocab_size == target_vocab
             runners.append(

@@ -85,8 +85,7 @@ class DraftModelDrafter(Drafter):
 
 
 def _load_draft(path: str, setup: DrafterSetup, dtype: str | None) -> TargetModel:
-    from quickdraft.models.loading import load_model
+    from quickdraft.models.loading import load_draft_model
 
-    name = dtype or {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[setup.target.dtype]
-    return load_model(path, dtype=name, device=str(setup.target.device)).target
+    return load_draft_model(path, dtype or setup.target.dtype, setup.target.device).target
 

@@ -224,7 +224,7 @@ class CrossVocabDrafter(Drafter):
 
 def _resolve_draft(source: Any, tokenizer: Any, setup: DrafterSetup, dtype: str | None) -> tuple[TargetModel, Any]:
     """The draft :class:`TargetModel` and its tokenizer from the ``model``/``tokenizer`` options."""
-    from quickdraft.models.loading import LoadedModel, load_model
+    from quickdraft.models.loading import LoadedModel, load_draft_model
 
     if isinstance(tokenizer, str):
         raise InvalidRequestError(
@@ -238,7 +238,5 @@ def _resolve_draft(source: Any, tokenizer: Any, setup: DrafterSetup, dtype: str 
         return source, tokenizer
     if not isinstance(source, str):
         raise InvalidRequestError(f"xvocab: model must be a path or a loaded model, got {type(source).__name__}")
-    name = dtype or {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
-        setup.target.dtype, "auto")
-    loaded = load_model(source, dtype=name, device=str(setup.target.device))
+    loaded = load_draft_model(source, dtype or setup.target.dtype, setup.target.device)
     return loaded.target, tokenizer or loaded.tokenizer

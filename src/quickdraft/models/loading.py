@@ -19,6 +19,7 @@ import torch
 
 from quickdraft import cache
 from quickdraft.budget import CostCurve
+from quickdraft.devices import dtype_name
 from quickdraft.errors import ModelLoadError
 from quickdraft.models.base import TargetModel
 from quickdraft.models.hf import HFCausalLM
@@ -165,6 +166,16 @@ def load_model(
     return LoadedModel(str(path), tokenizer, hf_model, target, cache_key=key)
 
 
+def load_draft_model(model: str, dtype: torch.dtype | str, device: torch.device | str) -> LoadedModel:
+    """A draft model to run beside a target (a drafter's, or the bench's assistant model): on the target's
+    ``device``, in ``dtype``, a name as :func:`load_model` takes it or the target's own torch dtype (``auto``
+    where that has no name in :data:`DTYPES`)."""
+    name = dtype_name(dtype)
+    if isinstance(dtype, torch.dtype) and name not in DTYPES:
+        name = "auto"
+    return load_model(model, dtype=name, device=str(device))
+
+
 def load_tokenizer(model: str | None = None) -> Any:
     """Only the tokenizer of ``model`` (None: the embedded default); a GGUF file's comes from the cache."""
     path = resolve_model_path(model)
@@ -177,7 +188,7 @@ def load_tokenizer(model: str | None = None) -> Any:
 def model_key(path: Path, dtype: torch.dtype, weights: str = "dense") -> dict[str, str]:
     """What the model at ``path``, loaded in ``dtype`` with weights mode ``weights``, depends on: the cache key
     of its converted model and of its cost curve (see :mod:`quickdraft.cache`)."""
-    return {**_source_key(path), "dtype": str(dtype).replace("torch.", ""), "weights": weights}
+    return {**_source_key(path), "dtype": dtype_name(dtype), "weights": weights}
 
 
 def _source_key(path: Path) -> dict[str, str]:
@@ -269,7 +280,7 @@ class _GgufConversion:
     def _write_model(self, folder: Path, dtype: torch.dtype) -> None:
         from transformers import AutoModelForCausalLM
 
-        self._begin(f"converting the weights to {str(dtype).replace('torch.', '')}")
+        self._begin(f"converting the weights to {dtype_name(dtype)}")
         extra = {"gguf_file": self.path.name, "local_files_only": True}
         try:
             with _quiet_transformers():

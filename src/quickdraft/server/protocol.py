@@ -45,7 +45,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from quickdraft.engine import check_max_new_tokens
+from quickdraft.engine import check_max_new_tokens, check_prompt
 from quickdraft.errors import QuickdraftError
 from quickdraft.types import SamplingParams
 
@@ -175,22 +175,27 @@ def _served_model(name: str, info: ValidationInfo) -> str:
     return name
 
 
-def _max_tokens(value: int, info: ValidationInfo) -> int:
-    """The engine's own check of a token limit, naming the parameter."""
-    try:
-        check_max_new_tokens(value, info.field_name)
-    except QuickdraftError as error:
-        raise PydanticCustomError("invalid_value", str(error)) from None
-    return value
+def engine_check(run: Callable[[Any, str], object]) -> AfterValidator:
+    """Refuse a value that the engine's own check ``run(value, parameter name)`` refuses, with its message
+    (``invalid_value``)."""
+
+    def validate(value: Any, info: ValidationInfo) -> Any:
+        try:
+            run(value, info.field_name)
+        except QuickdraftError as error:
+            raise PydanticCustomError("invalid_value", str(error)) from None
+        return value
+
+    return AfterValidator(validate)
 
 
-def _sampling_value(value: Any, info: ValidationInfo) -> Any:
-    """The engine's own check of one :class:`SamplingParams` field (``top_p``, ``top_k``, ``min_p``)."""
-    try:
-        SamplingParams(**{info.field_name: value})
-    except QuickdraftError as error:
-        raise PydanticCustomError("invalid_value", str(error)) from None
-    return value
+#: A token limit, checked as the engine checks ``max_new_tokens`` (the message names the parameter).
+_max_tokens = engine_check(check_max_new_tokens)
+#: One :class:`SamplingParams` field (``top_p``, ``top_k``, ``min_p``), checked by the engine's own type.
+_sampling_value = engine_check(lambda value, name: SamplingParams(**{name: value}))
+#: A prompt, checked by :func:`~quickdraft.engine.check_prompt`; a completion's text is continued as it is,
+#: so only a prompt with no characters (or no token ids) is empty.
+_prompt = engine_check(lambda prompt, _: check_prompt(prompt, blank_is_empty=False))
 
 
 def _one_prompt(prompt: Any) -> Any:
@@ -260,12 +265,11 @@ Neutral = Any
 #: Accepted and ignored.
 Ignored = Any
 Model = Annotated[str, AfterValidator(_served_model)]
-MaxTokens = Annotated[int, AfterValidator(_max_tokens)]
+MaxTokens = Annotated[int, _max_tokens]
 Temperature = Annotated[float, check(lambda t: 0 <= t <= 2, "temperature must be between 0 and 2 (0 = greedy), "
                                                             "got {value}")]
 Stop = Annotated[str | list[str], expect("a string or an array of strings"), AfterValidator(_stop_list)]
-Prompt = Annotated[str | list[int], expect("a string or a list of token ids"),
-                   check(lambda prompt: len(prompt) > 0, "the prompt is empty; pass some text to continue"),
+Prompt = Annotated[str | list[int], expect("a string or a list of token ids"), _prompt,
                    BeforeValidator(_one_prompt)]
 Content = Annotated[str, expect("a string or an array of text parts"), BeforeValidator(_join_text_parts)]
 
@@ -310,9 +314,9 @@ class _Request(_Object):
 
     model: Model
     temperature: Temperature = 1.0
-    top_p: Annotated[float, AfterValidator(_sampling_value)] = 1.0
-    top_k: Annotated[int, AfterValidator(_no_disabled_top_k), AfterValidator(_sampling_value)] = 0
-    min_p: Annotated[float, AfterValidator(_sampling_value)] = 0.0
+    top_p: Annotated[float, _sampling_value] = 1.0
+    top_k: Annotated[int, AfterValidator(_no_disabled_top_k), _sampling_value] = 0
+    min_p: Annotated[float, _sampling_value] = 0.0
     seed: Annotated[int, AfterValidator(_seed)] | None = None
     stop: Stop = []
     n: Annotated[int, check(lambda n: n == 1, "n={value} is not supported: this server returns one choice per "
