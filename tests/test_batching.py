@@ -16,7 +16,8 @@ from quickdraft.budget import CostCurve
 from quickdraft.drafters import available_drafters, register
 from quickdraft.drafters.base import Drafter
 from quickdraft.kv import StaticKVCache
-from quickdraft.models.native import NativeCausalLM, NativeSession, verify_batch
+from quickdraft.models.native import NativeCausalLM
+from quickdraft.models.native_session import NativeSession, verify_batch
 from quickdraft.types import DraftTree, SamplingParams
 
 PROMPTS = [

@@ -9,7 +9,7 @@ import torch
 
 from quickdraft.drafters import available_drafters
 from quickdraft.models.loading import cpu_has_native_bf16, load_model
-from quickdraft.models.native import _attention_call
+from quickdraft.models.row_exact import attention_call as _attention_call
 from quickdraft.tree import depths, matched_path, reordered
 from quickdraft.types import DraftTree, SamplingParams
 

@@ -33,7 +33,7 @@ from quickdraft.detok import TextAssembler
 from quickdraft.draft_budget import RequestEstimate
 from quickdraft.drafters import DraftContext, Drafter, StepOutcome
 from quickdraft.models.base import TREE, ForwardOutput, TargetSession
-from quickdraft.models.native import NativeSession, verify_batch
+from quickdraft.models.native_session import NativeSession, verify_batch
 from quickdraft.sampling import choose, make_generator
 from quickdraft.types import DraftTree, GenerationResult, GenerationStats, SamplingParams
 from quickdraft.verify import verify_sampling
@@ -246,7 +246,7 @@ def propose(sequence: Sequence, budget: int) -> DraftTree:
 def verify_all(sequences: list[Sequence], trees: list[DraftTree]) -> list[ForwardOutput]:
     """Each sequence's verification output (logits ``[1 + tree.size, V]`` in node order, hidden states the
     drafters need). Sessions that are views on consecutive rows of one shared cache are verified in ONE
-    forward (:func:`~quickdraft.models.native.verify_batch`); others one forward each."""
+    forward (:func:`~quickdraft.models.native_session.verify_batch`); others one forward each."""
     layers = tuple(sorted({layer for s in sequences if s.drafter is not None and "hidden_states" in s.drafter.needs
                            for layer in s.drafter.hidden_layers}))
     roots = [s.ctx.tokens[-1] for s in sequences]
