@@ -2,25 +2,26 @@
 
 A verification forward multiplies a few rows (one per verified token) by each weight matrix. ``F.linear``
 reads the weight in its plain row-major layout on every call. oneDNN (the matmul library inside PyTorch's CPU
-build) can instead reorder a weight once into the blocked layout its kernels read: a *prepacked* weight, what
-PyTorch's compiler uses when it freezes a model for CPU inference. oneDNN prepacks float32 weights on any x86
-CPU, and bfloat16 weights where the CPU computes bfloat16 natively (AVX-512 BF16 or AMX). Each output row of a
-product with a prepacked weight is computed the same way for every row count from two to
-:data:`ROW_INVARIANT_ROWS` (on an AMX Xeon some rows of a 33-row product differ); a lone row is therefore
-computed as the first of two equal rows, and with ``row_exact=True`` a wider input is multiplied in pieces of
-at most that many rows, so that the linears of a verification forward of any width give, bit for bit, the rows
-that one-row forwards would (``F.linear`` does not promise that). A long prompt's forward does not need that
-and keeps one product (in pieces it took about 1.5 times as long: 0.40 s vs 0.66 s for 1000 tokens, bfloat16).
+build) can instead reorder a weight once into the blocked layout its kernels read: a *prepacked* weight (what
+PyTorch's compiler uses when it freezes a model for CPU inference). Products of few rows are faster with it;
+it is a second copy of the weight in memory. oneDNN prepacks float32 weights on any x86 CPU, and bfloat16
+weights where the CPU computes bfloat16 natively (AVX-512 BF16 or AMX).
+
+The rules the products follow, so that the linears of a verification forward of any width give, bit for bit,
+the rows that one-row forwards would (``F.linear`` does not promise that):
+
+- a product with a prepacked weight of two to :data:`ROW_INVARIANT_ROWS` rows computes each row the same
+  way, so with ``row_exact=True`` a wider input is multiplied in pieces of at most that many rows;
+- a lone row is computed as the first of two equal rows;
+- a forward that is not row-exact (a long prompt's first forward) keeps one product, which is faster than
+  pieces.
 
 Layers that read the same input are fused into one weight (q, k and v; gate and up), so a decoder layer makes
 four matmul calls instead of seven. Elsewhere (CUDA, float16, bfloat16 without native support, a PyTorch
 without oneDNN) the fused weights go through ``F.linear``.
 
-Measured (``F.linear`` vs prepacked, ms, median of repeated timings). On a 2-core AMD EPYC with AVX2, float32:
-30 calls of the 1536 x 576 MLP weight at 1 / 8 / 16 rows 5.4 / 8.9 / 16.0 vs 2.2 / 6.0 / 9.9; one call of the
-49152 x 576 output head 10.4 / 25.2 / 30.5 vs 5.8 / 9.8 / 11.9. On a 2-core AMD EPYC with AVX-512 BF16,
-bfloat16: one call of the fused 3072 x 576 gate/up weight at 1 / 8 / 16 rows 0.13 / 0.16 / 0.21 vs 0.07 / 0.09
-/ 0.13; the output head 3.8 / 4.1 / 4.9 vs 2.1 / 2.6 / 3.8.
+The measurements behind these rules (timings, and where row-invariance ends) are in
+``results/native-forward.md``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-
 
 PREPACKED_DTYPES = (torch.float32, torch.bfloat16)
 ROW_INVARIANT_ROWS = 32
@@ -99,8 +99,8 @@ class FusedLinear(StackedLinear):
 
     def _prepacked_product(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` times the prepacked weight. A single row is computed as the first of two equal rows: for
-        one row oneDNN may pick a kernel that sums in another order than for two or more (on AVX-512 for an
-        input width of 1536), while every row count from two up gives each row bit for bit the same."""
+        one row oneDNN may pick a kernel that sums in another order than for two or more, while every row
+        count from two to :data:`ROW_INVARIANT_ROWS` gives each row bit for bit the same."""
         single = x.numel() == x.shape[-1]
         rows = torch.cat([x, x], dim=-2) if single else x.contiguous()
         out = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
