@@ -106,3 +106,13 @@ def architecture(request) -> str:
 def smollm2_fp32() -> Engine:
     """The embedded model in float32, loaded once for the slow tests."""
     return Engine.from_pretrained(dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of many tiny forwards: the test machine's cores are shared, and on tiny
+    tensors one thread is many times faster than two (a module opts in with ``pytest.mark.usefixtures``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

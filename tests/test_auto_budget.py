@@ -1,7 +1,6 @@
 """The auto drafter's tree merging and source ranking, and the hardware-fit budget policy."""
 
 import pytest
-import torch
 
 from quickdraft.budget import (
     BudgetPolicy,
@@ -87,7 +86,8 @@ def test_auto_gives_what_the_leader_leaves_to_the_next_source_as_often_as_the_le
         _verify_greedy(auto, [1, 2, 3] if step % 2 else [5, 0, 0], 2)
     assert auto.miss_rate(0, 0) == pytest.approx(0.5, abs=0.05)
     assert auto.value(0, 0) > auto.value(1, 0)
-    assert merge_trees([leader.propose(None, 6), backup.propose(None, 6)], 6, [1.0, 0.5]).tokens.tolist() == [1, 2, 5, 6]
+    merged = merge_trees([leader.propose(None, 6), backup.propose(None, 6)], 6, [1.0, 0.5])
+    assert merged.tokens.tolist() == [1, 2, 5, 6]
     assert _verify_greedy(auto, [1, 2, 3], 6).tokens.tolist() == [1, 2, 5, 6]
 
 

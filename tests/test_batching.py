@@ -8,17 +8,17 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from conftest import perturbed_copy, registered, tiny_engine, tiny_hf_model
 from quickdraft.batch_budget import AcceptanceEstimate, BatchBudgetPolicy
-from quickdraft.budget import chain_accepted
 from quickdraft.batching import Admitted, BatchScheduler, Delta, Failed, Finished, ServeRequest
-from quickdraft.budget import CostCurve
+from quickdraft.budget import CostCurve, chain_accepted
 from quickdraft.drafters import available_drafters, register
 from quickdraft.drafters.base import Drafter
 from quickdraft.kv import StaticKVCache
 from quickdraft.models.native import NativeCausalLM
 from quickdraft.models.native_session import NativeSession, verify_batch
 from quickdraft.types import DraftTree, SamplingParams
+
+from conftest import perturbed_copy, registered, tiny_engine, tiny_hf_model
 
 PROMPTS = [
     [5, 6, 7, 8, 5, 6, 7, 8, 5, 6],
@@ -33,13 +33,7 @@ PROMPTS = [
 LENGTHS = [30, 45, 12, 60, 7, 33, 50, 20]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine's cores are shared: one torch thread keeps timings and the suite steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_verify_batch_matches_per_sequence_verification_with_ragged_lengths_and_trees(architecture):

@@ -33,7 +33,6 @@ from quickdraft.bench.harness import BenchRun, Record, count_generations, run_lo
 from quickdraft.bench.metrics import Totals, aggregate
 from quickdraft.bench.report import BenchReport, plot_speedups, render_table, source_revision
 from quickdraft.bench.run import run_bench
-from quickdraft.bench.top2 import Top2, Top2Recorder
 from quickdraft.bench.runners import (
     HFRunner,
     MethodOutput,
@@ -44,6 +43,7 @@ from quickdraft.bench.runners import (
     parse_method,
     split_methods,
 )
+from quickdraft.bench.top2 import Top2, Top2Recorder
 from quickdraft.errors import InvalidRequestError
 from quickdraft.models.base import ForwardOutput
 from quickdraft.types import DraftTree, SamplingParams
@@ -469,9 +469,9 @@ class _SkewedSession:
 
 
 def test_divergence_gap_is_the_one_ar_decoded_with_and_no_forward_is_added():
-    from conftest import tiny_loaded
-
     from quickdraft.engine import Engine
+
+    from conftest import tiny_loaded
 
     loaded = tiny_loaded()
     skewed = DecodeSkewedTarget(loaded.target)

@@ -18,6 +18,7 @@ from quickdraft.budget import CostCurve
 from quickdraft.cli import build_parser, main
 from quickdraft.models import loading
 from quickdraft.models.loading import cached_cost_curve, load_model, load_tokenizer
+
 from conftest import tiny_loaded
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 128, 2, 4, 2, 96

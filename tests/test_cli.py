@@ -187,9 +187,9 @@ def test_draft_budget_is_a_fixed_budget_in_generate_and_serve():
 
 
 def _scheduler(argv: list[str]):
-    from conftest import tiny_engine
-
     from quickdraft.server.cli import _start_scheduler
+
+    from conftest import tiny_engine
 
     return _start_scheduler(tiny_engine(), {}, build_parser().parse_args(["serve", "--drafter", "ngram", *argv]))
 

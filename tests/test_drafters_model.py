@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CharTokenizer, tiny_engine, tiny_hf_model
-from distribution_checks import chi_square_pvalue
 from quickdraft.drafters import DrafterSetup, create_drafter
 from quickdraft.drafters.layerskip import LayerSkipDrafter, default_skip_set, perturb, skippable_layers
 from quickdraft.drafters.xvocab import (
@@ -33,6 +31,9 @@ from quickdraft.models.loading import LoadedModel
 from quickdraft.models.native import NativeCausalLM
 from quickdraft.sampling import probabilities
 from quickdraft.types import SamplingParams
+
+from conftest import CharTokenizer, tiny_engine, tiny_hf_model
+from distribution_checks import chi_square_pvalue
 
 ALPHABET = "abcdefgh ."
 PAIR_CHARS = "abcdefgh "
@@ -311,7 +312,8 @@ def test_xvocab_options_are_checked():
         plain.with_drafter("xvocab")
     with pytest.raises(InvalidRequestError, match="tokenizer"):
         plain.with_drafter("xvocab", {"model": OracleDraft(PAIRS, "")})
-    with pytest.raises(InvalidRequestError, match="has no option 'depth'; its options are: dtype, k, model, tokenizer, window"):
+    message = "has no option 'depth'; its options are: dtype, k, model, tokenizer, window"
+    with pytest.raises(InvalidRequestError, match=message):
         plain.with_drafter("xvocab", {"model": OracleDraft(PAIRS, ""), "tokenizer": PAIRS, "depth": 3})
 
 

@@ -163,7 +163,7 @@ def test_endpos_prefers_most_recent_occurrence():
 def test_incremental_build_equals_from_scratch():
     rng = random.Random(2)
     target = FakeTarget(vocab=4, seed=3)
-    for trial in range(5):
+    for _ in range(5):
         drafter = SuffixDrafter()
         prompt = [rng.randrange(4) for _ in range(rng.randrange(1, 12))]
         ctx = make_ctx(prompt)

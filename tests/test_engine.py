@@ -4,13 +4,14 @@ test_sampling_end_to_end.py."""
 
 import pytest
 
-from conftest import TINY_VOCAB, perturbed_copy, tiny_engine
 from quickdraft.drafters import available_drafters, register
 from quickdraft.drafters.base import DraftContext, Drafter
 from quickdraft.engine import Engine, check_prompt, eos_token_ids, plain_transcript
 from quickdraft.errors import InvalidRequestError, UnknownDrafterError
 from quickdraft.models.native import NativeCausalLM
 from quickdraft.types import DraftTree, SamplingParams
+
+from conftest import TINY_VOCAB, perturbed_copy, tiny_engine
 
 PROMPTS = [
     [5, 6, 7, 8, 5, 6, 7, 8, 5, 6],

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, tiny_hf_model
 from quickdraft.models.hf import HFCausalLM
-from quickdraft.models.native import NativeCausalLM
 from quickdraft.models.layouts import ROW_INVARIANT_ROWS, FusedLinear, prepacking_available
+from quickdraft.models.native import NativeCausalLM
 from quickdraft.types import DraftTree
+
+from conftest import ARCHITECTURES, tiny_hf_model
 
 
 def reference_logits(hf_model, ids: list[int]) -> torch.Tensor:

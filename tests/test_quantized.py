@@ -10,7 +10,6 @@ import torch
 from gguf import GGMLQuantizationType, dequantize, quantize
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-from conftest import CharTokenizer, perturbed_copy, tiny_hf_model
 from quickdraft.drafters import available_drafters
 from quickdraft.engine import Engine
 from quickdraft.models import gguf_blocks, quantized
@@ -18,8 +17,15 @@ from quickdraft.models.gguf_blocks import Int4Groups, int4_groups
 from quickdraft.models.loading import LoadedModel
 from quickdraft.models.native import NativeCausalLM
 from quickdraft.models.quantized import (
-    ConcatenatedLinear, Int4Linear, Int8Linear, QuantizedWeights, check_weights, int8_per_channel,
+    ConcatenatedLinear,
+    Int4Linear,
+    Int8Linear,
+    QuantizedWeights,
+    check_weights,
+    int8_per_channel,
 )
+
+from conftest import CharTokenizer, perturbed_copy, tiny_hf_model
 
 Q4_TYPES = [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K]
 PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 1, 2, 3]]

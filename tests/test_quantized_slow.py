@@ -9,15 +9,10 @@ from quickdraft.engine import Engine
 from quickdraft.models.loading import embedded_model_path, load_model
 from quickdraft.models.quantized import Int4Linear, read_gguf_int4_groups
 
+from test_slow_smollm2 import NEEDS_OTHER_MODEL, assert_greedy_identity
+
 pytestmark = pytest.mark.slow
 
-PROMPTS = [
-    "Write a Python function that checks whether a string is a palindrome.",
-    "Translate to French: The weather is nice today and we are going to the beach.",
-    "List three facts about the Moon.",
-]
-#: Drafters that need another model; covered by their own slow tests.
-NEEDS_OTHER_MODEL = {"draft", "xvocab"}
 Q4_1_TENSORS = 210
 
 
@@ -45,9 +40,4 @@ def test_the_int4_target_holds_int4_linears_and_no_float_copies(int4_engine):
 @pytest.mark.parametrize("drafter", [d for d in available_drafters()
                                      if d not in NEEDS_OTHER_MODEL and not d.startswith("test-")])
 def test_greedy_identity_on_real_prompts_with_int4_weights(int4_engine, drafter):
-    speculative = int4_engine.with_drafter(drafter)
-    for prompt in PROMPTS:
-        ids = int4_engine.encode_prompt(prompt)
-        expected = int4_engine.generate_ids(ids, 48).token_ids
-        got = speculative.generate_ids(ids, 48)
-        assert got.token_ids == expected, f"{drafter} diverged on {prompt[:30]!r}"
+    assert_greedy_identity(int4_engine, drafter)

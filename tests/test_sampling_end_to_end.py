@@ -33,8 +33,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CharTokenizer, perturbed_copy, tiny_hf_model
-from distribution_checks import chi_square_pvalue
 from quickdraft import verify
 from quickdraft.batching import BatchScheduler, Delta, Failed, Finished, ServeRequest, StepInfo
 from quickdraft.budget import CostCurve
@@ -43,6 +41,9 @@ from quickdraft.models.loading import LoadedModel
 from quickdraft.models.native import NativeCausalLM
 from quickdraft.sampling import probabilities
 from quickdraft.types import GenerationStats, SamplingParams
+
+from conftest import CharTokenizer, perturbed_copy, tiny_hf_model
+from distribution_checks import chi_square_pvalue
 
 VOCAB = 4
 #: Divides the tiny model's output layer: flatter distributions, so drafts are rejected as well as accepted.
@@ -126,17 +127,11 @@ def make_target(flatten: float = FLATTEN, embedding_scale: float = EMBEDDING_SCA
     return Target(hf_model, engine, exact_distribution(hf_model, PROMPT, TESTED, PARAMS))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """The test machine's cores are shared: one torch thread keeps the many tiny forwards cheap."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def target(one_thread: None) -> Target:
+def target(one_torch_thread: None) -> Target:
     return make_target()
 
 

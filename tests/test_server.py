@@ -14,13 +14,14 @@ import openai
 import pytest
 import torch
 
-from conftest import CharTokenizer, registered, tiny_loaded
 from quickdraft.budget import CostCurve
 from quickdraft.cli import build_parser, main
 from quickdraft.drafters.base import Drafter
 from quickdraft.engine import Engine
 from quickdraft.server import start_server
 from quickdraft.types import DraftTree
+
+from conftest import CharTokenizer, registered, tiny_loaded
 
 API_KEY = "test-key"
 MODEL = "tiny-llama"
@@ -460,11 +461,11 @@ def test_health_says_unavailable_with_503_when_the_scheduler_is_not_running(engi
 def test_a_datastore_path_is_loaded_once_and_shared_by_every_slot_drafter(tmp_path):
     from quickdraft.drafters import DrafterSetup, create_drafter
     from quickdraft.drafters.datastore import StaticAutomaton, build_datastore
-    from quickdraft.server.cli import _shared_drafter_options
+    from quickdraft.server.cli import shared_drafter_options
 
     path = tmp_path / "store.npz"
     build_datastore([[10, 11, 12, 13], [20, 21]], path)
-    options = _shared_drafter_options({"datastore": str(path)}, engine=None)
+    options = shared_drafter_options({"datastore": str(path)}, engine=None)
     assert isinstance(options["datastore"], StaticAutomaton)
     loaded = tiny_loaded("llama")
     setup = DrafterSetup(loaded.target, loaded.tokenizer, options)

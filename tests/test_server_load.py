@@ -13,10 +13,11 @@ import httpx
 import pytest
 import torch
 
-from conftest import tiny_engine
-from quickdraft.server import start_server
 from quickdraft.engine import Engine
+from quickdraft.server import start_server
 from quickdraft.server.loadtest import DEFAULT_PROMPTS, dataset_prompts, main, run_load
+
+from conftest import tiny_engine
 
 #: Allowed RSS growth over 1,000 requests after warm-up. Python's allocator and torch's CPU caching keep
 #: some freed memory; a leak of even 50 KB per request would exceed this.

@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
+from quickdraft.devices import cpu_has_native_bf16
 from quickdraft.drafters import available_drafters
-from quickdraft.models.loading import cpu_has_native_bf16, load_model
+from quickdraft.models.loading import load_model
 from quickdraft.models.row_exact import attention_call as _attention_call
 from quickdraft.tree import depths, matched_path, reordered
 from quickdraft.types import DraftTree, SamplingParams
@@ -120,13 +121,19 @@ def test_the_row_check_fails_for_rows_that_differ_more_than_promised():
             assert_row_matches_one_token_decoding(row, decoded, exact, dtype, ())
 
 
-@pytest.mark.parametrize("drafter", [d for d in available_drafters() if d not in NEEDS_OTHER_MODEL and not d.startswith("test-")])
+@pytest.mark.parametrize("drafter", [d for d in available_drafters()
+                                     if d not in NEEDS_OTHER_MODEL and not d.startswith("test-")])
 def test_greedy_identity_on_real_prompts(smollm2_fp32, drafter):
-    speculative = smollm2_fp32.with_drafter(drafter)
+    assert_greedy_identity(smollm2_fp32, drafter)
+
+
+def assert_greedy_identity(plain, drafter: str, new_tokens: int = 48) -> None:
+    """``drafter`` on ``plain``'s target writes, on every prompt of :data:`PROMPTS`, the tokens ``plain`` writes."""
+    speculative = plain.with_drafter(drafter)
     for prompt in PROMPTS:
-        ids = smollm2_fp32.encode_prompt(prompt)
-        expected = smollm2_fp32.generate_ids(ids, 48).token_ids
-        got = speculative.generate_ids(ids, 48)
+        ids = plain.encode_prompt(prompt)
+        expected = plain.generate_ids(ids, new_tokens).token_ids
+        got = speculative.generate_ids(ids, new_tokens)
         assert got.token_ids == expected, f"{drafter} diverged on {prompt[:30]!r}"
 
 
@@ -144,7 +151,8 @@ def test_sampling_with_seed_is_reproducible_and_differs_across_seeds(smollm2_fp3
     ids = engine.encode_prompt(PROMPTS[2])
     first = engine.generate_ids(ids, 24, SamplingParams(temperature=0.8, seed=3)).token_ids
     assert engine.generate_ids(ids, 24, SamplingParams(temperature=0.8, seed=3)).token_ids == first
-    others = {tuple(engine.generate_ids(ids, 24, SamplingParams(temperature=0.8, seed=s)).token_ids) for s in range(4, 8)}
+    others = {tuple(engine.generate_ids(ids, 24, SamplingParams(temperature=0.8, seed=s)).token_ids)
+              for s in range(4, 8)}
     assert len(others | {tuple(first)}) > 1
 
 
@@ -168,7 +176,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_generate_streams_and_prints_statistics():
-    done = run_cli("generate", "--prompt", PROMPTS[0], "--max-new-tokens", "24", "--drafter", "ngram", "--dtype", "float32")
+    done = run_cli("generate", "--prompt", PROMPTS[0], "--max-new-tokens", "24", "--drafter", "ngram",
+                   "--dtype", "float32")
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.strip()) > 10
     assert "tok/s" in done.stderr and "tau" in done.stderr and "drafter ngram" in done.stderr

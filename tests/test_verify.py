@@ -11,8 +11,8 @@ family where its bug matters.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -22,16 +22,10 @@ from scipy.stats import chisquare
 from quickdraft.sampling import probabilities
 from quickdraft.types import DraftTree, SamplingParams
 from quickdraft.verify import verify_greedy, verify_sampling, verify_typical_lossy
+
 from verify_mutants import MUTANTS, Mutant, Verifier
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine's cores are shared: on tiny tensors one torch thread is many times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def one_hot_logits(rows: list[int], vocab: int = 8) -> torch.Tensor:

@@ -11,12 +11,13 @@ tried (a one-hot point mass for a deterministic drafter, whose tree has ``draft_
 """
 
 from __future__ import annotations
-
 import __future__
+
 import inspect
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -2,7 +2,8 @@
 
 A batched verification forward over ``B`` sequences, each given ``b`` draft nodes, runs ``B * (1 + b)`` rows
 (rows are padded to the widest tree) and costs ``c(B * (1 + b))`` times a 1-row forward, where ``c`` is the
-measured :class:`~quickdraft.budget.CostCurve` (extrapolated beyond its last point). Sequence ``i`` then commits ``1 + E[accepted_i(b)]`` tokens.
+measured :class:`~quickdraft.budget.CostCurve` (extrapolated beyond its last point). Sequence ``i`` then
+commits ``1 + E[accepted_i(b)]`` tokens.
 The policy picks the per-sequence budget
 
     b* = argmax_b  sum_i (1 + E[accepted_i(min(b, room_i))])  /  c(B * (1 + max_i min(b, room_i))),

@@ -42,7 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from quickdraft.batch_budget import measure_batch_curve
 from quickdraft.budget import CostCurve
@@ -110,7 +110,7 @@ class Failed:
     code: str | None = None
 
 
-Event = Union[Admitted, Delta, Finished, Failed]
+Event = Admitted | Delta | Finished | Failed
 
 
 class SchedulerBusy(QuickdraftError):

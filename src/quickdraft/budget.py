@@ -20,12 +20,12 @@ reproduces exactly.
 A step also tells what smaller budgets would have done (**counterfactual acceptance**): the verified tree cut
 to its first ``n`` nodes is what the drafter proposes with ``n`` nodes when it lists its best nodes first (a
 chain, a breadth-first tree), and the accepted nodes that lie in that cut (a node's parent comes before it, so
-these are the first accepted nodes) are the draft tokens it would have had accepted. Every ladder budget up to the one verified is therefore updated every step, so a
-large budget, once tried, informs all smaller ones. The cut is an approximation for a drafter that shapes a
-small tree differently (the suffix drafter gives side branches a larger share of a small budget), and under
-sampling the accepted nodes in the cut estimate, rather than replay, its rejection sampling. A budget
-larger than any tried gets its guess (below) plus the optimism bonus of a budget observed once, so it is
-tried where the cost curve makes it worth it.
+these are the first accepted nodes) are the draft tokens it would have had accepted. Every ladder budget up to
+the one verified is therefore updated every step, so a large budget, once tried, informs all smaller ones. The
+cut is an approximation for a drafter that shapes a small tree differently (the suffix drafter gives side
+branches a larger share of a small budget), and under sampling the accepted nodes in the cut estimate, rather
+than replay, its rejection sampling. A budget larger than any tried gets its guess (below) plus the optimism
+bonus of a budget observed once, so it is tried where the cost curve makes it worth it.
 
 Acceptance depends strongly on the drafter's **evidence** for the step (see
 :meth:`~quickdraft.drafters.base.Drafter.evidence`; for the suffix drafter, the match length): a 1-token match
@@ -148,8 +148,8 @@ class BudgetPolicy:
 
     def expected_accepted(self, budget: int) -> float:
         """The discounted mean for ``budget`` (a ladder budget), shrunk toward :meth:`guess` as if the guess
-        had been observed with weight ``PRIOR_WEIGHT``: a budget with many recent observations follows them, and one whose
-        observations are few or old follows what the other budgets now show."""
+        had been observed with weight ``PRIOR_WEIGHT``: a budget with many recent observations follows them, and
+        one whose observations are few or old follows what the other budgets now show."""
         return self.estimates()[budget]
 
     def guess(self, budget: int) -> float:

@@ -179,26 +179,15 @@ def machine_key(device_type: str = "cpu") -> dict[str, str]:
     hash of its feature flags (from /proc/cpuinfo), torch's thread count and version, and for CUDA the GPU."""
     import torch
 
-    cpu = _cpuinfo_fields()
+    from quickdraft.devices import cpuinfo
+
+    cpu = cpuinfo()
     key = {"cpu": cpu.get("model name", "unknown"),
            "cpu_flags": hashlib.sha256(cpu.get("flags", "").encode()).hexdigest()[:16],
            "threads": str(torch.get_num_threads()), "torch": torch.__version__, "device": device_type}
     if device_type == "cuda":
         key["gpu"] = torch.cuda.get_device_name()
     return key
-
-
-def _cpuinfo_fields() -> dict[str, str]:
-    """The first processor's fields in /proc/cpuinfo (empty where there is none, as on macOS)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    fields: dict[str, str] = {}
-    for line in text.split("\n\n", 1)[0].splitlines():
-        name, _, value = line.partition(":")
-        fields[name.strip()] = value.strip()
-    return fields
 
 
 def _sample_hash(file: Path, size: int) -> bytes:

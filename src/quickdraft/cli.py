@@ -35,13 +35,13 @@ results = Console()
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate a reply to ``--prompt``, streamed to stdout; one line of stats to stderr."""
-    from quickdraft.engine import Engine, check_max_new_tokens
+    from quickdraft.devices import dtype_name
+    from quickdraft.engine import Engine, check_max_new_tokens, check_prompt
     from quickdraft.types import SamplingParams
 
     params = SamplingParams(**sampling_options(args))
     check_max_new_tokens(args.max_new_tokens)
-    if not args.prompt.strip():
-        raise QuickdraftError("the prompt is empty; pass --prompt TEXT")
+    check_prompt(args.prompt)
     engine = Engine.from_pretrained(args.model, args.drafter, args.dtype, args.device, drafter_options(args),
                                     args.draft_budget, weights=args.weights)
     ids = engine.encode_prompt(args.prompt)
@@ -52,7 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     stats = run.result().stats
     console.print(f"[dim]{stats.new_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, tau {stats.tau:.2f}, "
-                  f"drafter {stats.drafter}, dtype {str(engine.dtype).replace('torch.', '')}, "
+                  f"drafter {stats.drafter}, dtype {dtype_name(engine.dtype)}, "
                   f"weights {args.weights}[/dim]")
     return 0
 
@@ -92,6 +92,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Plain decoding vs speculative decoding on a few built-in prompts, side by side."""
     import torch
 
+    from quickdraft.devices import dtype_name
+
     methods = demo_engines(args)
     base = methods["ar"]
     totals = {name: [0, 0.0, 0] for name in methods}
@@ -111,7 +113,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             outputs[name] = result.token_ids
         for name in methods:
             identical[name] += outputs[name] == outputs["ar"]
-    dtype = str(base.dtype).replace("torch.", "")
+    dtype = dtype_name(base.dtype)
     _print_demo_table(totals, identical, len(DEMO_PROMPTS), dtype)
     all_identical = all(count == len(DEMO_PROMPTS) for count in identical.values())
     if base.dtype == torch.float32 and not all_identical:

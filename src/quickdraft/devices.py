@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -16,3 +18,28 @@ def synchronize(device: torch.device | str | None) -> None:
     (when CUDA is available); nothing on any other device or for None."""
     if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
+
+
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (``model name``, ``flags``, ...); empty where there is
+    none (macOS, Windows)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        name, _, value = line.partition(":")
+        fields[name.strip()] = value.strip()
+    return fields
+
+
+def cpu_name() -> str:
+    """The CPU's model name, or "unknown"."""
+    return cpuinfo().get("model name") or "unknown"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes bfloat16 natively (AVX-512 BF16 or AMX)."""
+    flags = cpuinfo().get("flags", "").split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -35,6 +35,7 @@ from typing import Any
 from quickdraft.bench.divergence import Comparison
 from quickdraft.bench.harness import BenchRun
 from quickdraft.bench.metrics import MethodMetrics
+from quickdraft.devices import cpu_has_native_bf16, cpu_name
 
 OVERALL = "overall"
 
@@ -107,12 +108,11 @@ def hardware_info(device: Any = None) -> dict[str, Any]:
     """What the numbers were measured on."""
     import torch
 
-    from quickdraft.models.loading import cpu_has_native_bf16
 
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -151,16 +151,6 @@ def source_revision() -> dict[str, Any]:
         return revision
     revision["commit"] = commit + ("-dirty" if dirty else "")
     return revision
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:

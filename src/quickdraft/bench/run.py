@@ -11,13 +11,10 @@ from quickdraft.bench.harness import Conversation, EngineConversation, run_loop
 from quickdraft.bench.metrics import aggregate
 from quickdraft.bench.report import BenchReport, hardware_info, source_revision
 from quickdraft.bench.runners import MethodRunner, build_runners, split_methods
+from quickdraft.devices import dtype_name
 from quickdraft.errors import InvalidRequestError
 from quickdraft.models.quantized import resident_bytes
 from quickdraft.types import SamplingParams
-
-
-def dtype_name(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def engine_settings(engine: Any) -> dict[str, Any]:

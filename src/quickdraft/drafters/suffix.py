@@ -113,7 +113,7 @@ class SuffixDrafter(Drafter):
         best, *rest = sorted(sources, key=lambda s: -s[0])  # stable: the dynamic match wins ties
         _, automaton, state, anchor_pos = best
         primary, sides = self._continuations(automaton, state, anchor_pos)
-        for _, other, other_state, other_pos in rest:
+        for _, other, _state, other_pos in rest:
             sides.append(other.continuation(other_pos, self.branch_depth))
         return _tree(primary, sides, budget)
 

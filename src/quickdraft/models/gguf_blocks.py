@@ -18,8 +18,8 @@ sub-block ``2r`` in the low nibbles and sub-block ``2r + 1`` in the high ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -19,7 +19,7 @@ import torch
 
 from quickdraft import cache
 from quickdraft.budget import CostCurve
-from quickdraft.devices import dtype_name
+from quickdraft.devices import cpu_has_native_bf16, dtype_name
 from quickdraft.errors import ModelLoadError
 from quickdraft.models.base import TargetModel
 from quickdraft.models.hf import HFCausalLM
@@ -108,15 +108,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether the CPU computes bfloat16 natively (AVX-512 BF16 or AMX), read from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def parse_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return default_dtype(device)
@@ -193,8 +184,9 @@ def model_key(path: Path, dtype: torch.dtype, weights: str = "dense") -> dict[st
 
 def _source_key(path: Path) -> dict[str, str]:
     """The file's :func:`~quickdraft.cache.fingerprint` and the versions of what converts it."""
-    import transformers
     from importlib.metadata import version
+
+    import transformers
 
     return {**cache.fingerprint(path), "quickdraft": version("quickdraft"), "transformers": transformers.__version__}
 

@@ -37,9 +37,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quickdraft.models.gguf_blocks import GROUP, Int4Groups, int4_groups, INT4_TYPES
-from quickdraft.models.layouts import ROW_INVARIANT_ROWS, DenseWeights, FusedLinear, StackedLinear, WeightHolder, \
-    fused_bias
+from quickdraft.devices import cpu_name
+from quickdraft.models.gguf_blocks import GROUP, INT4_TYPES, Int4Groups, int4_groups
+from quickdraft.models.layouts import (
+    ROW_INVARIANT_ROWS,
+    DenseWeights,
+    FusedLinear,
+    StackedLinear,
+    WeightHolder,
+    fused_bias,
+)
 
 WEIGHT_MODES = ("dense", "int8", "int4", "auto")
 DEFAULT_WEIGHTS = "dense"
@@ -259,8 +266,12 @@ def read_gguf_int4_groups(path: Path, hf_model: torch.nn.Module) -> dict[torch.n
     rotary layout). A tensor whose mapped rows do not reproduce the loaded float weights is left out (it
     becomes int8) with a warning."""
     from gguf import GGUFReader
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, \
-        get_gguf_hf_weights_map, read_field
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        read_field,
+    )
 
     reader = GGUFReader(path)
     config = hf_model.config
@@ -309,7 +320,7 @@ def fastest_mode(hf_model: torch.nn.Module, groups: dict[torch.nn.Module, Int4Gr
     attn, mlp = layer.self_attn, layer.mlp
     stacks = [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj],
               [mlp.down_proj], [hf_model.lm_head]]
-    key = (_cpu_name(), torch.__version__, torch.get_num_threads(), str(quantized_dtype), str(dense_dtype),
+    key = (cpu_name(), torch.__version__, torch.get_num_threads(), str(quantized_dtype), str(dense_dtype),
            tuple(tuple(m.weight.shape) for stack in stacks for m in stack))
     if key not in _FASTEST:
         quantized = QuantizedWeights(quantized_dtype, groups)
@@ -346,16 +357,6 @@ def _cast_linear(module: torch.nn.Linear, dtype: torch.dtype) -> torch.nn.Linear
     if module.bias is not None:
         copy.bias = torch.nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
     return copy
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def resident_bytes() -> int:

@@ -51,6 +51,7 @@ def serve_main(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    from quickdraft.devices import dtype_name
     from quickdraft.engine import Engine, check_drafter
     from quickdraft.server.app import create_app
 
@@ -61,11 +62,11 @@ def serve_main(args: argparse.Namespace) -> int:
     listener = _bind(args.host, args.port)  # fail fast (port in use) before loading the model
     try:
         engine = Engine.from_pretrained(args.model, None, args.dtype, args.device, weights=args.weights)
-        options = _shared_drafter_options(drafter_options(args), engine)
+        options = shared_drafter_options(drafter_options(args), engine)
         name = args.served_model_name or _default_name(engine.model_path)
         budget = ("measuring the verification cost curve..." if args.draft_budget is None
                   else f"fixed draft budget {args.draft_budget}")
-        console.print(f"[dim]model {engine.model_path} ({str(engine.dtype).replace('torch.', '')}, weights "
+        console.print(f"[dim]model {engine.model_path} ({dtype_name(engine.dtype)}, weights "
                       f"{args.weights}), drafter {args.drafter}, max batch {args.max_batch}; {budget}[/dim]")
         scheduler = _start_scheduler(engine, options, args)
     except BaseException:
@@ -156,7 +157,7 @@ def _default_name(path: str) -> str:
     return name[: -len(".gguf")] if name.endswith(".gguf") else name
 
 
-def _shared_drafter_options(options: dict[str, Any], engine: Any) -> dict[str, Any]:
+def shared_drafter_options(options: dict[str, Any], engine: Any) -> dict[str, Any]:
     """A draft model or a datastore given as a path (``--drafter-option model=PATH``, ``--datastore STORE``) is
     loaded once here and shared by the drafter of every batch slot, instead of once per slot."""
     datastore = options.get("datastore")
@@ -166,9 +167,7 @@ def _shared_drafter_options(options: dict[str, Any], engine: Any) -> dict[str, A
         options["datastore"] = load_datastore(datastore)
     model = options.get("model")
     if isinstance(model, str):
-        from quickdraft.models.loading import load_model
+        from quickdraft.models.loading import load_draft_model
 
-        dtype = options.pop("dtype", None) or {"torch.float32": "float32", "torch.bfloat16": "bfloat16",
-                                                "torch.float16": "float16"}[str(engine.dtype)]
-        options["model"] = load_model(model, dtype=dtype, device=str(engine.device)).target
+        options["model"] = load_draft_model(model, options.pop("dtype", None) or engine.dtype, engine.device).target
     return options

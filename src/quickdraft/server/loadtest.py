@@ -245,10 +245,10 @@ def compare_embedded(model: str | None, drafter: str, clients: list[int], reques
     fresh server for every run, warmed up by one untimed request; ``requests`` requests at each count."""
     from quickdraft.engine import Engine
     from quickdraft.server.background import start_server
-    from quickdraft.server.cli import _shared_drafter_options
+    from quickdraft.server.cli import shared_drafter_options
 
     engine = Engine.from_pretrained(model, None, dtype, device)
-    shared = _shared_drafter_options(dict(drafter_options or {}), engine)
+    shared = shared_drafter_options(dict(drafter_options or {}), engine)
     prompts = prompts or DEFAULT_PROMPTS
 
     def serve(name: str, level: int) -> LoadReport:
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                                         args.chat, timeout=args.timeout, label=args.url)) for clients in args.clients]
         comparisons = []
     else:
-        from quickdraft.cli import parse_option
+        from quickdraft.cli_args import parse_option
 
         if args.threads:
             import torch
