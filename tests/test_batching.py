@@ -531,3 +531,19 @@ def test_max_new_tokens_over_the_context_fails_when_the_request_asks_not_to_be_c
         assert clamped.events[0].max_new_tokens == 4
     finally:
         scheduler.close()
+
+
+def test_the_scheduler_thread_decodes_with_the_threads_it_is_given():
+    """``threads`` sets torch's thread count on the scheduler thread (the one that decodes), not the caller's:
+    a server leaves its main thread one thread (quickdraft.devices.leave_cpu_threads_to_a_worker)."""
+    decoding_threads: list[int] = []
+    caller_threads = torch.get_num_threads()
+    wanted = 2 if caller_threads == 1 else 1
+    scheduler = BatchScheduler(tiny_engine("llama"), None, max_batch=2, cost_curve=CostCurve.flat(), threads=wanted,
+                               on_step=lambda info: decoding_threads.append(torch.get_num_threads())).start()
+    try:
+        serve_all(scheduler, PROMPTS[:1], [6])
+    finally:
+        scheduler.close()
+    assert decoding_threads and set(decoding_threads) == {wanted}
+    assert torch.get_num_threads() == caller_threads

@@ -44,6 +44,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from quickdraft.batch_budget import measure_batch_curve
 from quickdraft.budget import CostCurve
 from quickdraft.decoding import OutputTracker, Sequence, StreamChunk, cache_slots, prefill, step
@@ -191,12 +193,14 @@ class BatchScheduler:
     batched decoding). ``max_draft``: the largest draft budget per sequence. ``max_seq_len``: prompt +
     completion limit per request (default: the model's context). ``cost_curve``: ``c(rows)``; measured
     when the scheduler starts if not given. ``batched``: whether the target verifies many sequences in one
-    forward (the native forward); otherwise (the transformers fallback) one request is decoded at a time."""
+    forward (the native forward); otherwise (the transformers fallback) one request is decoded at a time.
+    ``threads``: torch CPU threads for the scheduler thread, which does all decoding (None: leave torch's
+    setting); see :func:`quickdraft.devices.leave_cpu_threads_to_a_worker`."""
 
     def __init__(self, engine: Engine, drafter: str | None = None, drafter_options: dict[str, Any] | None = None,
                  max_batch: int = 8, max_draft: int = DEFAULT_MAX_DRAFT, max_seq_len: int | None = None,
                  cost_curve: CostCurve | None = None, max_waiting: int = 1024,
-                 on_step: Callable[[StepInfo], None] | None = None) -> None:
+                 on_step: Callable[[StepInfo], None] | None = None, threads: int | None = None) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise InvalidRequestError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if not isinstance(max_draft, int) or max_draft < 0:
@@ -213,6 +217,7 @@ class BatchScheduler:
         self.max_seq_len = min(context, max_seq_len) if max_seq_len else context
         self.max_waiting = max_waiting
         self.on_step = on_step
+        self.threads = threads
         self.batched = isinstance(self.target, NativeCausalLM)
         self.capacity = max_batch if self.batched else 1  # sequences decoded at once
         self.stats = SchedulerStats()
@@ -295,6 +300,8 @@ class BatchScheduler:
     # ------------------------------------------------------------------ the scheduler thread
 
     def _main(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         try:
             if self.max_draft > 0:
                 if self._cost_curve is None:

@@ -43,3 +43,18 @@ def cpu_has_native_bf16() -> bool:
     """Whether the CPU computes bfloat16 natively (AVX-512 BF16 or AMX)."""
     flags = cpuinfo().get("flags", "").split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def leave_cpu_threads_to_a_worker(threads: int | None = None) -> int:
+    """Run the calling (main) thread's torch ops on one CPU thread from now on, and return how many threads
+    the worker thread that decodes should take (``threads``, else torch's current count).
+
+    Call it before a server loads its model on the main thread and decodes on a worker thread. Every Python
+    thread that runs torch ops owns its own OpenMP team, and the team stays alive; once a process has more
+    OpenMP threads than CPUs, libgomp's threads stop spin-waiting between parallel regions and every op pays
+    to wake them. On a 2-core machine a 2-thread team left on the main thread by loading made each op on the
+    decoding thread 2 to 4 times slower (results/native-forward.md); with the main thread on one thread the
+    worker decodes as fast as the main thread would."""
+    wanted = threads or torch.get_num_threads()
+    torch.set_num_threads(1)
+    return wanted

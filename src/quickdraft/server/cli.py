@@ -48,17 +48,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve_main(args: argparse.Namespace) -> int:
     """Run the server until interrupted. Bad arguments or models raise QuickdraftError (exit status 2)."""
-    import torch
     import uvicorn
 
-    from quickdraft.devices import dtype_name
+    from quickdraft.devices import dtype_name, leave_cpu_threads_to_a_worker
     from quickdraft.engine import Engine, check_drafter
     from quickdraft.server.app import create_app
 
     _check_args(args)
     check_drafter(args.drafter, drafter_options(args))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = leave_cpu_threads_to_a_worker(args.threads)  # the scheduler thread decodes, with these
     listener = _bind(args.host, args.port)  # fail fast (port in use) before loading the model
     try:
         engine = Engine.from_pretrained(args.model, None, args.dtype, args.device, weights=args.weights)
@@ -68,7 +66,7 @@ def serve_main(args: argparse.Namespace) -> int:
                   else f"fixed draft budget {args.draft_budget}")
         console.print(f"[dim]model {engine.model_path} ({dtype_name(engine.dtype)}, weights "
                       f"{args.weights}), drafter {args.drafter}, max batch {args.max_batch}; {budget}[/dim]")
-        scheduler = _start_scheduler(engine, options, args)
+        scheduler = _start_scheduler(engine, options, args, threads)
     except BaseException:
         listener.close()
         raise
@@ -92,7 +90,7 @@ def serve_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_scheduler(engine: Any, options: dict[str, Any], args: argparse.Namespace) -> Any:
+def _start_scheduler(engine: Any, options: dict[str, Any], args: argparse.Namespace, threads: int) -> Any:
     """A started :class:`~quickdraft.batching.BatchScheduler`: the load-adaptive budget up to ``--max-draft``
     (on the cost curve measured at start), or ``--draft-budget`` draft nodes for every sequence and step (no
     curve is measured: a fixed budget does not read it)."""
@@ -104,7 +102,7 @@ def _start_scheduler(engine: Any, options: dict[str, Any], args: argparse.Namesp
     max_draft = fixed if fixed is not None else args.max_draft if args.max_draft is not None else DEFAULT_MAX_DRAFT
     scheduler = BatchScheduler(engine, args.drafter, options, max_batch=args.max_batch, max_draft=max_draft,
                                max_seq_len=args.max_seq_len, max_waiting=args.max_waiting,
-                               cost_curve=CostCurve.flat() if fixed is not None else None)
+                               cost_curve=CostCurve.flat() if fixed is not None else None, threads=threads)
     scheduler.start()
     if fixed is not None and scheduler.max_draft > 0:
         scheduler.policy = FixedBudget(fixed)  # before any request: the server is not listening yet

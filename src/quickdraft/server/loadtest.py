@@ -240,20 +240,22 @@ class Comparison:
 def compare_embedded(model: str | None, drafter: str, clients: list[int], requests: int, max_tokens: int,
                      max_batch: int, dtype: str = "auto", device: str | None = None, chat: bool = False,
                      timeout: float = 600.0, drafter_options: dict[str, Any] | None = None,
-                     prompts: list[str] | None = None) -> list[Comparison]:
+                     prompts: list[str] | None = None, threads: int | None = None) -> list[Comparison]:
     """Serve ``model`` in this process with ``drafter`` and then with none, at each client count in turn; a
     fresh server for every run, warmed up by one untimed request; ``requests`` requests at each count."""
+    from quickdraft.devices import leave_cpu_threads_to_a_worker
     from quickdraft.engine import Engine
     from quickdraft.server.background import start_server
     from quickdraft.server.cli import shared_drafter_options
 
+    threads = leave_cpu_threads_to_a_worker(threads)  # each server's scheduler thread decodes, with these
     engine = Engine.from_pretrained(model, None, dtype, device)
     shared = shared_drafter_options(dict(drafter_options or {}), engine)
     prompts = prompts or DEFAULT_PROMPTS
 
     def serve(name: str, level: int) -> LoadReport:
         options = shared if name == drafter else None
-        with start_server(engine, name, options, max_batch=max_batch,
+        with start_server(engine, name, options, max_batch=max_batch, threads=threads,
                           max_seq_len=min(2048, engine.loaded.target.max_context)) as server:
             asyncio.run(run_load(server.url, server.model_name, 1, 1, max_tokens, prompts[:1], chat=chat,
                                  timeout=timeout, label="warm-up"))
@@ -359,14 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from quickdraft.cli_args import parse_option
 
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
         options = dict(parse_option(item) for item in args.drafter_option)
         comparisons = compare_embedded(args.model, args.drafter, args.clients, requests, args.max_tokens,
                                        args.max_batch, args.dtype, args.device, args.chat, args.timeout, options,
-                                       prompts)
+                                       prompts, args.threads)
         reports = [report for c in comparisons for report in (c.with_drafter, c.without)]
     for report in reports:
         for failure in report.failures[:5]:
