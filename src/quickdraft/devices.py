@@ -53,7 +53,7 @@ def leave_cpu_threads_to_a_worker(threads: int | None = None) -> int:
     thread that runs torch ops owns its own OpenMP team, and the team stays alive; once a process has more
     OpenMP threads than CPUs, libgomp's threads stop spin-waiting between parallel regions and every op pays
     to wake them. On a 2-core machine a 2-thread team left on the main thread by loading made each op on the
-    decoding thread 2 to 4 times slower (results/native-forward.md); with the main thread on one thread the
+    decoding thread 2 to 4 times slower (results/served-vs-engine-amx.md); with the main thread on one thread the
     worker decodes as fast as the main thread would."""
     wanted = threads or torch.get_num_threads()
     torch.set_num_threads(1)
