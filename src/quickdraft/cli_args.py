@@ -65,6 +65,11 @@ def add_model_path_argument(parser: argparse.ArgumentParser, text: str = MODEL_H
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--dtype``, ``--device`` and ``--weights``: which model to load, and how."""
     add_model_path_argument(parser)
+    add_loading_arguments(parser)
+
+
+def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--dtype``, ``--device`` and ``--weights``: how to load the model (for a tool that names it its own way)."""
     parser.add_argument("--dtype", default="auto",
                         help="auto (bf16 where the hardware computes it natively), float32, bfloat16, float16")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")

@@ -90,7 +90,8 @@ def serve_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_scheduler(engine: Any, options: dict[str, Any], args: argparse.Namespace, threads: int) -> Any:
+def _start_scheduler(engine: Any, options: dict[str, Any], args: argparse.Namespace,
+                     threads: int | None = None) -> Any:
     """A started :class:`~quickdraft.batching.BatchScheduler`: the load-adaptive budget up to ``--max-draft``
     (on the cost curve measured at start), or ``--draft-budget`` draft nodes for every sequence and step (no
     curve is measured: a fixed budget does not read it)."""

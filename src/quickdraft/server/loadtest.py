@@ -33,6 +33,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from quickdraft.cli_args import add_loading_arguments, parse_option
+from quickdraft.models.quantized import DEFAULT_WEIGHTS
+
 try:
     import httpx
 except ImportError as error:  # a test dependency of quickdraft, not a runtime one
@@ -240,7 +243,8 @@ class Comparison:
 def compare_embedded(model: str | None, drafter: str, clients: list[int], requests: int, max_tokens: int,
                      max_batch: int, dtype: str = "auto", device: str | None = None, chat: bool = False,
                      timeout: float = 600.0, drafter_options: dict[str, Any] | None = None,
-                     prompts: list[str] | None = None, threads: int | None = None) -> list[Comparison]:
+                     prompts: list[str] | None = None, threads: int | None = None,
+                     weights: str = DEFAULT_WEIGHTS) -> list[Comparison]:
     """Serve ``model`` in this process with ``drafter`` and then with none, at each client count in turn; a
     fresh server for every run, warmed up by one untimed request; ``requests`` requests at each count."""
     from quickdraft.devices import leave_cpu_threads_to_a_worker
@@ -249,7 +253,7 @@ def compare_embedded(model: str | None, drafter: str, clients: list[int], reques
     from quickdraft.server.cli import shared_drafter_options
 
     threads = leave_cpu_threads_to_a_worker(threads)  # each server's scheduler thread decodes, with these
-    engine = Engine.from_pretrained(model, None, dtype, device)
+    engine = Engine.from_pretrained(model, None, dtype, device, weights=weights)
     shared = shared_drafter_options(dict(drafter_options or {}), engine)
     prompts = prompts or DEFAULT_PROMPTS
 
@@ -326,8 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "selects them (default: all)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default=None)
+    add_loading_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for --model")
     parser.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
     parser.add_argument("--timeout", type=float, default=1800.0)
@@ -359,12 +362,10 @@ def main(argv: list[str] | None = None) -> int:
                                         args.chat, timeout=args.timeout, label=args.url)) for clients in args.clients]
         comparisons = []
     else:
-        from quickdraft.cli_args import parse_option
-
         options = dict(parse_option(item) for item in args.drafter_option)
         comparisons = compare_embedded(args.model, args.drafter, args.clients, requests, args.max_tokens,
                                        args.max_batch, args.dtype, args.device, args.chat, args.timeout, options,
-                                       prompts, args.threads)
+                                       prompts, args.threads, args.weights)
         reports = [report for c in comparisons for report in (c.with_drafter, c.without)]
     for report in reports:
         for failure in report.failures[:5]:
