@@ -51,8 +51,8 @@ from quickdraft.budget import CostCurve
 from quickdraft.decoding import OutputTracker, Sequence, StreamChunk, cache_slots, prefill, step
 from quickdraft.draft_budget import DEFAULT_MAX_DRAFT, DraftBudget, FixedBudget, LoadAdaptiveBudget
 from quickdraft.drafters import Drafter, DrafterSetup, create_drafter
-from quickdraft.engine import Engine, check_drafter, check_max_new_tokens, check_prompt
-from quickdraft.errors import InvalidRequestError, QuickdraftError
+from quickdraft.engine import Engine, check_drafter, check_max_new_tokens, check_prompt, fit_to_context
+from quickdraft.errors import ContextLengthError, InvalidRequestError, QuickdraftError
 from quickdraft.models.base import TargetSession
 from quickdraft.models.native import NativeCausalLM, NativeSession
 from quickdraft.types import GenerationStats, SamplingParams
@@ -121,10 +121,6 @@ class SchedulerBusy(QuickdraftError):
 
 class SchedulerClosed(SchedulerBusy):
     """The scheduler is not running (not started, closing or closed, or stopped by an error)."""
-
-
-class ContextLengthError(InvalidRequestError):
-    """The prompt, or the prompt and the completion asked for, do not fit in the context."""
 
 
 @dataclass
@@ -371,21 +367,9 @@ class BatchScheduler:
         """The tokens the request may generate: see :class:`ServeRequest` (``max_new_tokens``,
         ``fit_to_context``)."""
         check_prompt(prompt_ids)
-        if len(prompt_ids) >= self.max_seq_len:
-            raise ContextLengthError(
-                f"This model's maximum context length is {self.max_seq_len} tokens, but the prompt has "
-                f"{len(prompt_ids)} tokens; shorten it so that at least one new token fits.")
-        room = self.max_seq_len - len(prompt_ids)
-        wanted = request.max_new_tokens
-        if wanted is None:
-            return room
-        if wanted > room and not request.fit_to_context:
-            where = "messages" if _is_messages(request.prompt) else "prompt"
-            raise ContextLengthError(
-                f"This model's maximum context length is {self.max_seq_len} tokens. However, you requested "
-                f"{len(prompt_ids) + wanted} tokens ({len(prompt_ids)} in the {where}, {wanted} in the "
-                f"completion). Please reduce the length of the {where} or completion.")
-        return min(wanted, room)
+        where = "messages" if _is_messages(request.prompt) else "prompt"
+        return fit_to_context(len(prompt_ids), request.max_new_tokens, self.max_seq_len, request.fit_to_context,
+                              where)
 
     def _encode(self, prompt: str | list) -> list[int]:
         if isinstance(prompt, str):

@@ -168,20 +168,17 @@ class Sequence:
             return None
         return drafter
 
-    def drop_drafter(self) -> None:
-        """End the drafter and forget it (it raised: it is not reused); the sequence decodes on without drafts."""
-        self.release_drafter()
-
     @contextmanager
     def drafting(self, what: str) -> Iterator[None]:
         """Time a drafter call (``what``: its name, for the log) into ``stats.draft_seconds``; a drafter that
-        raises is dropped (:meth:`drop_drafter`)."""
+        raises is ended and forgotten (:meth:`release_drafter`, its return value dropped: it is not reused), and
+        the sequence decodes on without drafts."""
         started = time.perf_counter()
         try:
             yield
         except Exception:  # noqa: BLE001 - a drafter bug must not break lossless decoding
             log.exception("drafter %s failed; it drafts no more for this request", what)
-            self.drop_drafter()
+            self.release_drafter()
         finally:
             self.stats.draft_seconds += time.perf_counter() - started
 

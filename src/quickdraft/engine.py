@@ -17,7 +17,7 @@ import torch
 from quickdraft.decoding import OutputTracker, Sequence, StreamChunk, cache_slots, prefill, step
 from quickdraft.draft_budget import MAX_ADAPTIVE_BUDGET, DraftBudget, FixedBudget, RequestBudget
 from quickdraft.drafters import Drafter, DrafterSetup, check_drafter_options, create_drafter
-from quickdraft.errors import InvalidRequestError
+from quickdraft.errors import ContextLengthError, InvalidRequestError
 from quickdraft.models.loading import LoadedModel, load_model
 from quickdraft.models.quantized import DEFAULT_WEIGHTS
 from quickdraft.types import GenerationResult, SamplingParams
@@ -146,14 +146,8 @@ class Engine:
                  stop: list[str] | None) -> GenerationRequest:
         check_prompt(prompt_ids)
         check_max_new_tokens(max_new_tokens)
-        context = self.loaded.target.max_context
-        if len(prompt_ids) >= context:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt_ids)} tokens but the model's context is {context}; "
-                "shorten the prompt so that at least one new token fits"
-            )
-        return GenerationRequest(list(prompt_ids), min(max_new_tokens, context - len(prompt_ids)), params,
-                                 list(stop or []))
+        limit = fit_to_context(len(prompt_ids), max_new_tokens, self.loaded.target.max_context)
+        return GenerationRequest(list(prompt_ids), limit, params, list(stop or []))
 
 
 class Generation:
@@ -209,6 +203,27 @@ def check_prompt(prompt: str | list[int], blank_is_empty: bool = True) -> None:
             raise InvalidRequestError("the prompt is empty; pass some text to continue")
     elif not prompt:
         raise InvalidRequestError("the prompt is empty; pass at least one token")
+
+
+def fit_to_context(prompt_tokens: int, max_new_tokens: int | None, context: int, clamp: bool = True,
+                   where: str = "prompt") -> int:
+    """The tokens a request may generate after a prompt of ``prompt_tokens`` in a ``context``-token model:
+    ``max_new_tokens`` (None: all the room left), clamped to the room left, or with ``clamp=False`` refused
+    when it does not fit (as the OpenAI API does; ``where`` names the prompt: "prompt" or "messages").
+    Raises :class:`ContextLengthError` when not even one new token fits."""
+    if prompt_tokens >= context:
+        raise ContextLengthError(
+            f"The {where} has {prompt_tokens} tokens but this model's context is {context}; shorten it so that "
+            "at least one new token fits.")
+    room = context - prompt_tokens
+    if max_new_tokens is None:
+        return room
+    if max_new_tokens > room and not clamp:
+        raise ContextLengthError(
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_tokens + max_new_tokens} tokens ({prompt_tokens} in the {where}, {max_new_tokens} in the "
+            f"completion). Please reduce the length of the {where} or completion.")
+    return min(max_new_tokens, room)
 
 
 def check_max_new_tokens(max_new_tokens: object, name: str = "max_new_tokens") -> None:

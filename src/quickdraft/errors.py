@@ -9,6 +9,10 @@ class InvalidRequestError(QuickdraftError):
     """A prompt, sampling value or limit that cannot be served as given."""
 
 
+class ContextLengthError(InvalidRequestError):
+    """The prompt, or the prompt and the completion asked for, do not fit in the model's context."""
+
+
 class ModelLoadError(QuickdraftError):
     """A model path that does not exist or a checkpoint that cannot be loaded."""
 
