@@ -105,7 +105,7 @@ def architecture(request) -> str:
 @pytest.fixture(scope="session")
 def smollm2_fp32() -> Engine:
     """The embedded model in float32, loaded once for the slow tests."""
-    return Engine.from_pretrained(dtype="float32")
+    return Engine.from_pretrained(dtype="float32", weights="dense")
 
 
 @pytest.fixture(scope="module")

@@ -123,13 +123,17 @@ def test_second_load_reads_the_cache_and_gives_the_same_model(gguf_file, monkeyp
 
 def test_the_cache_key_holds_dtype_and_weights_mode(gguf_file, monkeypatch):
     conversions = Conversions(monkeypatch)
-    load_model(str(gguf_file), dtype="float32", device="cpu")
-    bf16 = load_model(str(gguf_file), dtype="bfloat16", device="cpu")
+    load_model(str(gguf_file), dtype="float32", device="cpu", weights="dense")
+    bf16 = load_model(str(gguf_file), dtype="bfloat16", device="cpu", weights="dense")
     assert conversions.count == 3  # the tokenizer is shared; the model is converted once per dtype
     assert bf16.target.dtype == torch.bfloat16
     key = loading.model_key(gguf_file, torch.float32)
     assert key["weights"] == "dense" and key["dtype"] == "float32"
     assert cache.digest(key) != cache.digest(loading.model_key(gguf_file, torch.float32, weights="int4"))
+    # the conversion is shared by the weights modes that load in one dtype (quantized modes load float32)
+    assert "weights" not in loading.conversion_key(gguf_file, torch.float32)
+    load_model(str(gguf_file), dtype="float32", device="cpu", weights="int8")
+    assert conversions.count == 3
 
 
 def test_a_changed_model_file_is_converted_again(gguf_file, monkeypatch):
@@ -148,7 +152,7 @@ def test_a_changed_model_file_is_converted_again(gguf_file, monkeypatch):
 def test_a_damaged_model_entry_is_rebuilt(gguf_file, monkeypatch, damage):
     conversions = Conversions(monkeypatch)
     before = state(load_model(str(gguf_file), dtype="float32", device="cpu").hf_model)
-    entry = cache.entry_path("model", loading.model_key(gguf_file, torch.float32))
+    entry = cache.entry_path("model", loading.conversion_key(gguf_file, torch.float32))
     weights = entry / "model.safetensors"
     if damage == "truncate":
         weights.write_bytes(weights.read_bytes()[:1000])
@@ -239,11 +243,11 @@ def test_the_cost_curve_is_measured_once_per_model_and_machine(monkeypatch):
 
 
 def test_cache_ls_and_clear(gguf_file, capsys):
-    load_model(str(gguf_file), dtype="float32", device="cpu")
+    load_model(str(gguf_file), dtype="float32", device="cpu", weights="dense")
     capsys.readouterr()
     assert main(["cache", "ls"]) == 0
     listed = capsys.readouterr().out
-    assert "tiny.gguf" in listed and "float32 dense" in listed and "2 entries" in listed
+    assert "tiny.gguf" in listed and "float32" in listed and "2 entries" in listed
     assert main(["cache", "clear"]) == 0
     assert "removed 2 cache entries" in capsys.readouterr().err
     assert cache.entries() == []

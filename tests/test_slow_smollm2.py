@@ -88,7 +88,7 @@ def test_verification_rows_match_one_token_decoding(smollm2_fp32, dtype):
     the answers of every drafter equal plain decoding's on every CPU."""
     torch_dtype = getattr(torch, dtype)
     exact = rows_are_bit_exact_here(torch_dtype)
-    model = smollm2_fp32.loaded.target if dtype == "float32" else load_model(dtype=dtype).target
+    model = smollm2_fp32.loaded.target if dtype == "float32" else load_model(dtype=dtype, weights="dense").target
     ids = smollm2_fp32.encode_prompt(PROMPTS[1])
     session = model.new_session(len(ids) + 96)
     decoded, step_logits = [], [session.prefill(ids)]
@@ -161,7 +161,7 @@ def test_the_gguf_loads_as_dense_weights_in_bfloat16():
     from quickdraft.models.loading import load_model
     from quickdraft.models.native import NativeCausalLM
 
-    loaded = load_model(dtype="bfloat16")
+    loaded = load_model(dtype="bfloat16", weights="dense")
     assert isinstance(loaded.target, NativeCausalLM)
     linears = [module for name, module in loaded.hf_model.named_modules() if name.endswith(("_proj", "lm_head"))]
     assert len(linears) == 30 * 7 + 1

@@ -30,9 +30,11 @@ from quickdraft.models.quantized import DEFAULT_WEIGHTS, QUANTIZED_MODES, WEIGHT
 console = Console(stderr=True, soft_wrap=True)
 
 MODEL_HELP = "model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)"
-WEIGHTS_HELP = (f"how the native forward holds its weights: dense (float, the exact reference), int8 (per output "
-                f"channel), int4 (a GGUF file's own 4-bit groups, int8 for the rest; CPU only), or auto (the "
-                f"fastest here of the choices that keep a GGUF file's own weights) (default: {DEFAULT_WEIGHTS})")
+WEIGHTS_HELP = ("how the native forward holds its weights: dense (float, the exact reference), int8 (per output "
+                "channel), int4 (a GGUF file's own 4-bit groups, int8 for the rest; CPU only), or auto (the fastest "
+                "here of the choices that keep a GGUF file's own weights; measured once per machine and cached)")
+#: ``--weights``'s default in commands that can time the transformers model, which quantized weights free.
+RUN_DEPENDENT_WEIGHTS = f"{DEFAULT_WEIGHTS}, or dense where the run times the transformers model"
 DRAFT_BUDGET_HELP = "a fixed number of draft nodes verified per step (default: chosen per step, adaptive)"
 
 
@@ -62,18 +64,23 @@ def add_model_path_argument(parser: argparse.ArgumentParser, text: str = MODEL_H
     parser.add_argument("--model", default=None, help=text)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--dtype``, ``--device`` and ``--weights``: which model to load, and how."""
+def add_model_arguments(parser: argparse.ArgumentParser, run_dependent_weights: bool = False) -> None:
+    """``--model``, ``--dtype``, ``--device`` and ``--weights``: which model to load, and how (see
+    :func:`add_loading_arguments`)."""
     add_model_path_argument(parser)
-    add_loading_arguments(parser)
+    add_loading_arguments(parser, run_dependent_weights)
 
 
-def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--dtype``, ``--device`` and ``--weights``: how to load the model (for a tool that names it its own way)."""
+def add_loading_arguments(parser: argparse.ArgumentParser, run_dependent_weights: bool = False) -> None:
+    """``--dtype``, ``--device`` and ``--weights``: how to load the model (for a tool that names it its own way).
+    ``run_dependent_weights``: ``--weights`` defaults to None, which the command resolves
+    (:data:`RUN_DEPENDENT_WEIGHTS`), instead of :data:`DEFAULT_WEIGHTS`."""
     parser.add_argument("--dtype", default="auto",
                         help="auto (bf16 where the hardware computes it natively), float32, bfloat16, float16")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--weights", choices=_weight_choices(), default=DEFAULT_WEIGHTS, help=WEIGHTS_HELP)
+    default = None if run_dependent_weights else DEFAULT_WEIGHTS
+    parser.add_argument("--weights", choices=_weight_choices(), default=default,
+                        help=f"{WEIGHTS_HELP} (default: {RUN_DEPENDENT_WEIGHTS if default is None else default})")
 
 
 def _weight_choices() -> list[str]:

@@ -28,6 +28,7 @@ from quickdraft.cli_args import (
     option_value,
 )
 from quickdraft.errors import InvalidRequestError, QuickdraftError
+from quickdraft.models.quantized import DEFAULT_WEIGHTS
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -55,7 +56,7 @@ TRANSFORMERS_METHODS = ("hf", "hf-pld", "hf-assisted")
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``quickdraft bench``."""
-    add_model_arguments(parser)
+    add_model_arguments(parser, run_dependent_weights=True)
     parser.add_argument("--dataset", metavar="PATH", default=None,
                         help="Spec-Bench-format JSONL (question_id, category, turns per line); "
                              "default: the built-in prompt set")
@@ -86,7 +87,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``quickdraft profile``."""
-    add_model_arguments(parser)
+    add_model_arguments(parser, run_dependent_weights=True)
     parser.add_argument("--ks", default=None, help="comma-separated k values, e.g. 1,2,4,8,16,32,64 (default: 1..64)")
     parser.add_argument("--context", type=int, default=300, help="tokens already in the KV cache (default: 300)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per k; the median is kept (default: 7)")
@@ -139,22 +140,27 @@ def _add_datastore(options: dict[str, dict[str, Any]], datastore: str) -> None:
         options[method]["datastore"] = datastore
 
 
-def bench_methods(spec: str | None, weights: str) -> list[str]:
-    """The methods of ``--methods`` (None: the default for ``weights``). Raises InvalidRequestError, before
-    anything loads, for a transformers method with weights that free the transformers model's weights."""
+def bench_methods(spec: str | None, weights: str | None) -> tuple[list[str], str]:
+    """The methods of ``--methods`` (None: the default) and the weights mode to load with: ``--weights`` as
+    given, or where it is omitted (None) ``dense`` if a method runs the transformers model, else the library's
+    default. Raises InvalidRequestError, before anything loads, for a transformers method with ``--weights``
+    that frees the transformers model's weights."""
     from quickdraft.bench.runners import split_methods
 
     if spec is None:
-        spec = DEFAULT_QUANTIZED_METHODS if frees_transformers_weights(weights) else DEFAULT_METHODS
+        quantized = weights is not None and frees_transformers_weights(weights)
+        spec = DEFAULT_QUANTIZED_METHODS if quantized else DEFAULT_METHODS
     methods = split_methods(spec)
     refused = [m for m in methods if m in TRANSFORMERS_METHODS]
+    if weights is None:
+        return methods, "dense" if refused else DEFAULT_WEIGHTS
     if refused and frees_transformers_weights(weights):
         freed = "may free (if it chooses a quantized mode)" if weights == "auto" else "frees"
         raise InvalidRequestError(
             f"--weights {weights} {freed} the transformers model's weights, so the transformers methods "
             f"{', '.join(refused)} cannot run; leave them out of --methods "
             f"(e.g. --methods {','.join(m for m in methods if m not in refused)}), or pass --weights dense")
-    return methods
+    return methods, weights
 
 
 def _error(message: str) -> int:
@@ -189,7 +195,7 @@ def _bench(args: argparse.Namespace) -> int:
     check_max_new_tokens(args.max_new_tokens, "--max-new-tokens")
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     questions = load_questions(args.dataset, args.per_category)
-    methods = bench_methods(args.methods, args.weights)
+    methods, weights = bench_methods(args.methods, args.weights)
     check_methods(methods, draft_model=args.draft_model)
     options = parse_drafter_options(args.drafter_option, methods, args.datastore)
     for method, method_options in options.items():
@@ -198,7 +204,7 @@ def _bench(args: argparse.Namespace) -> int:
     from quickdraft.engine import Engine
 
     with console.status("loading the model ..."):
-        engine = Engine.from_pretrained(args.model, None, dtype=args.dtype, device=args.device, weights=args.weights)
+        engine = Engine.from_pretrained(args.model, None, dtype=args.dtype, device=args.device, weights=weights)
     settings = {
         "dataset": args.dataset or "built-in",
         "per_category": args.per_category,
@@ -290,11 +296,12 @@ def _measured_curve(args: argparse.Namespace, console: Console) -> tuple[list[Co
     ks = prof.parse_ks(args.ks)
     if args.context < 1:
         raise InvalidRequestError(f"--context must be >= 1, got {args.context}")
-    if args.backend == "hf" and frees_transformers_weights(args.weights):
+    weights = args.weights or ("dense" if args.backend == "hf" else DEFAULT_WEIGHTS)
+    if args.backend == "hf" and frees_transformers_weights(weights):
         raise InvalidRequestError(f"--backend hf times the transformers model, whose weights --weights "
-                                  f"{args.weights} may free; pass --backend engine, or --weights dense")
+                                  f"{weights} may free; pass --backend engine, or --weights dense")
     with console.status("loading the model ..."):
-        engine = Engine.from_pretrained(args.model, None, dtype=args.dtype, device=args.device, weights=args.weights)
+        engine = Engine.from_pretrained(args.model, None, dtype=args.dtype, device=args.device, weights=weights)
     timer = prof.make_timer(engine, ks, args.backend, args.context)
     with _progress_bar(console, "timing forwards", args.repeats * len(ks)) as step:
         curve = prof.measure_cost_curve(timer, ks, args.repeats, on_measure=lambda k: step())

@@ -111,6 +111,9 @@ class WeightHolder(Protocol):
     """How the native forward holds its weights: which :class:`StackedLinear` a group of layers becomes,
     how tokens are embedded, and what of the transformers model it frees afterwards."""
 
+    #: The weights mode it implements (``dense``, ``int8``, ``int4``; :mod:`quickdraft.models.quantized`).
+    mode: str
+
     def linear(self, layers: Sequence[torch.nn.Linear]) -> StackedLinear: ...
 
     def embedding(self, table: torch.nn.Embedding, output: StackedLinear,
@@ -123,6 +126,8 @@ class DenseWeights:
     """How the native forward holds its weights by default: :class:`FusedLinear` for the linears and the
     transformers model's own embedding table. The quantized counterpart is
     :class:`quickdraft.models.quantized.QuantizedWeights`; both offer the same three methods."""
+
+    mode = "dense"
 
     def linear(self, layers: Sequence[torch.nn.Linear]) -> StackedLinear:
         """The layers (which read the same input) as one stacked product."""

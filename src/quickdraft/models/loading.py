@@ -138,8 +138,7 @@ def load_model(
         check_weights(weights, torch_device)
     except ValueError as error:
         raise ModelLoadError(str(error)) from error
-    key = model_key(path, torch_dtype, weights)
-    tokenizer, hf_model = _load_transformers(path, loading_dtype(weights, torch_dtype), key)
+    tokenizer, hf_model = _load_transformers(path, loading_dtype(weights, torch_dtype))
     hf_model.to(torch_device).eval()
     model_type = hf_model.config.model_type
     use_native = model_type in SUPPORTED_MODEL_TYPES if native is None else native
@@ -152,8 +151,9 @@ def load_model(
         raise ModelLoadError(f"weights {weights!r} need the native forward, which {model_type!r} does not have")
     if not use_native:
         log.info("architecture %s runs through the transformers fallback (chain verification)", model_type)
-    target = (NativeCausalLM(hf_model, holder_for(weights, path, hf_model, dtype, torch_dtype)) if use_native
-              else HFCausalLM(hf_model))
+    holder = holder_for(weights, path, hf_model, dtype, torch_dtype) if use_native else None
+    target = NativeCausalLM(hf_model, holder) if holder else HFCausalLM(hf_model)
+    key = model_key(path, torch_dtype, holder.mode if holder else "dense")
     return LoadedModel(str(path), tokenizer, hf_model, target, cache_key=key)
 
 
@@ -177,9 +177,15 @@ def load_tokenizer(model: str | None = None) -> Any:
 
 
 def model_key(path: Path, dtype: torch.dtype, weights: str = "dense") -> dict[str, str]:
-    """What the model at ``path``, loaded in ``dtype`` with weights mode ``weights``, depends on: the cache key
-    of its converted model and of its cost curve (see :mod:`quickdraft.cache`)."""
-    return {**_source_key(path), "dtype": dtype_name(dtype), "weights": weights}
+    """What the target loaded from ``path`` in ``dtype`` with weights mode ``weights`` (``auto`` resolved)
+    depends on: the cache key of its cost curve (see :mod:`quickdraft.cache`)."""
+    return {**conversion_key(path, dtype), "weights": weights}
+
+
+def conversion_key(path: Path, dtype: torch.dtype) -> dict[str, str]:
+    """What a GGUF file converted to a transformers model in ``dtype`` depends on: the cache key of that
+    conversion, shared by every weights mode that loads in ``dtype`` (quantized modes load in float32)."""
+    return {**_source_key(path), "dtype": dtype_name(dtype)}
 
 
 def _source_key(path: Path) -> dict[str, str]:
@@ -197,13 +203,13 @@ def _label(key: dict[str, str]) -> str:
     return " ".join(parts)
 
 
-def _load_transformers(path: Path, dtype: torch.dtype, key: dict[str, str]) -> tuple[Any, torch.nn.Module]:
+def _load_transformers(path: Path, dtype: torch.dtype) -> tuple[Any, torch.nn.Module]:
     """Tokenizer and transformers model. A GGUF file is converted once and read from the cache afterwards
     (see :class:`_GgufConversion`); a model folder is read as it is."""
     if path.is_dir():
         return _read_tokenizer(path), _read_model(path, dtype)
     with _GgufConversion(path) as conversion:
-        return conversion.tokenizer(), conversion.model(dtype, key)
+        return conversion.tokenizer(), conversion.model(dtype)
 
 
 def _read_tokenizer(directory: Path) -> Any:
@@ -255,7 +261,8 @@ class _GgufConversion:
         return cache.cached("tokenizer", _source_key(self.path), self._write_tokenizer, _read_tokenizer,
                             label=self.path.name)
 
-    def model(self, dtype: torch.dtype, key: dict[str, str]) -> torch.nn.Module:
+    def model(self, dtype: torch.dtype) -> torch.nn.Module:
+        key = conversion_key(self.path, dtype)
         return cache.cached("model", key, lambda folder: self._write_model(folder, dtype),
                             lambda folder: _read_model(folder, dtype), label=_label(key))
 

@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quickdraft.devices import cpu_name
 from quickdraft.models.gguf_blocks import GROUP, INT4_TYPES, Int4Groups, int4_groups
 from quickdraft.models.layouts import (
     ROW_INVARIANT_ROWS,
@@ -49,12 +48,13 @@ from quickdraft.models.layouts import (
 )
 
 WEIGHT_MODES = ("dense", "int8", "int4", "auto")
-DEFAULT_WEIGHTS = "dense"
+DEFAULT_WEIGHTS = "auto"
 QUANTIZED_MODES = ("int8", "int4")
 AUTO_ROWS = (1, 4)
+#: Rounds of :func:`fastest_mode`; each times every candidate once.
+AUTO_ROUNDS = 12
 
 log = logging.getLogger(__name__)
-_FASTEST: dict[tuple, str] = {}
 
 
 def check_weights(mode: str, device: torch.device) -> None:
@@ -74,18 +74,20 @@ def loading_dtype(mode: str, dense_dtype: torch.dtype) -> torch.dtype:
 def holder_for(mode: str, path: Path, hf_model: torch.nn.Module, dtype_name: str,
                dense_dtype: torch.dtype) -> WeightHolder:
     """The :class:`WeightHolder` for weights ``mode`` of ``hf_model`` loaded from ``path`` (in
-    :func:`loading_dtype`). ``dtype_name`` is the dtype the user asked for: ``auto`` gives bfloat16
-    activations to quantized modes and ``dense_dtype`` to dense; anything else is used as asked.
+    :func:`loading_dtype`); its ``mode`` says which it is (``auto`` resolved). ``dtype_name`` is the dtype the
+    user asked for: ``auto`` gives bfloat16 activations to quantized modes and ``dense_dtype`` to dense;
+    anything else is used as asked.
 
     ``auto`` on a GGUF file with int4 tensors picks whichever of ``dense`` and ``int4`` (the choices that keep
-    the file's own weights) runs a layer's linears and the output layer faster at 1 and 4 rows on this CPU,
-    measured once per process (:func:`fastest_mode`); on anything else, or off CPU, it is ``dense``."""
+    the file's own weights) runs a layer's linears and the output layer faster on this CPU (:func:`fastest_mode`,
+    measured once per model and machine and cached); on anything else, or off CPU, it is ``dense``."""
     quantized_dtype = torch.bfloat16 if dtype_name == "auto" else dense_dtype
     gguf = path.is_file() and path.suffix == ".gguf"
     groups = gguf_int4_groups(path, hf_model) if gguf and mode in ("int4", "auto") else {}
     if mode == "auto":
         on_cpu = next(hf_model.parameters()).device.type == "cpu"
-        mode = fastest_mode(hf_model, groups, quantized_dtype, dense_dtype) if groups and on_cpu else "dense"
+        mode = (cached_fastest_mode(path, hf_model, groups, quantized_dtype, dense_dtype) if groups and on_cpu
+                else "dense")
         log.info("weights auto: %s", mode)
     if mode == "dense":
         _cast_parameters(hf_model, dense_dtype)
@@ -101,6 +103,11 @@ class QuantizedWeights:
     def __init__(self, dtype: torch.dtype, groups: dict[torch.nn.Module, Int4Groups] | None = None) -> None:
         self.dtype = dtype
         self.groups = groups or {}
+
+    @property
+    def mode(self) -> str:
+        """``int4`` where some layers have int4 groups, else ``int8``."""
+        return "int4" if self.groups else "int8"
 
     def linear(self, layers: Sequence[torch.nn.Linear]) -> StackedLinear:
         """Int4 for the runs of consecutive layers that have groups, int8 for the others; several runs (say
@@ -311,41 +318,64 @@ def _matches(groups: Int4Groups, weight: torch.Tensor, rows: int = 64) -> bool:
     return mine.shape == dense.shape and torch.allclose(mine, dense, rtol=1e-6, atol=1e-7)
 
 
+def cached_fastest_mode(path: Path, hf_model: torch.nn.Module, groups: dict[torch.nn.Module, Int4Groups],
+                        quantized_dtype: torch.dtype, dense_dtype: torch.dtype) -> str:
+    """:func:`fastest_mode`, through the cache (kind ``weights-choice``, keyed by the model file's fingerprint,
+    the dtypes and :func:`quickdraft.cache.machine_key`): measured on the first load on a machine, read after.
+    ``quickdraft cache clear`` measures again."""
+    import json
+
+    from quickdraft import cache
+
+    key = {**cache.fingerprint(path), **cache.machine_key("cpu"), "quantized_dtype": str(quantized_dtype),
+           "dense_dtype": str(dense_dtype)}
+
+    def write(folder: Path) -> None:
+        mode, costs = fastest_mode(hf_model, groups, quantized_dtype, dense_dtype)
+        (folder / "choice.json").write_text(json.dumps({"mode": mode, "seconds": costs}))
+
+    def read(folder: Path) -> str:
+        mode = json.loads((folder / "choice.json").read_text())["mode"]
+        if mode not in ("dense", "int4"):
+            raise ValueError(f"unknown weights choice {mode!r}")
+        return mode
+
+    return cache.cached("weights-choice", key, write, read, label=f"{path.name} weights auto")
+
+
 def fastest_mode(hf_model: torch.nn.Module, groups: dict[torch.nn.Module, Int4Groups],
-                 quantized_dtype: torch.dtype, dense_dtype: torch.dtype) -> str:
+                 quantized_dtype: torch.dtype, dense_dtype: torch.dtype) -> tuple[str, dict[str, float]]:
     """``dense`` or ``int4``: which runs layer 0's linears and the output layer faster, summed over
-    :data:`AUTO_ROWS` rows (best of a few repeats; about a second). Memoized per process by CPU, PyTorch
-    version, shapes and dtypes."""
+    :data:`AUTO_ROWS` rows, and the seconds of each. The two are timed in turns, best of several rounds, so
+    that load from elsewhere on the machine slows both alike instead of whichever ran during it."""
     layer = hf_model.model.layers[0]
     attn, mlp = layer.self_attn, layer.mlp
     stacks = [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj],
               [mlp.down_proj], [hf_model.lm_head]]
-    key = (cpu_name(), torch.__version__, torch.get_num_threads(), str(quantized_dtype), str(dense_dtype),
-           tuple(tuple(m.weight.shape) for stack in stacks for m in stack))
-    if key not in _FASTEST:
-        quantized = QuantizedWeights(quantized_dtype, groups)
-        widths = [stack[0].in_features for stack in stacks]
-        dense = [FusedLinear([_cast_linear(m, dense_dtype) for m in stack]) for stack in stacks]
-        costs = {"dense": _cost(dense, widths, dense_dtype),
-                 "int4": _cost([quantized.linear(stack) for stack in stacks], widths, quantized_dtype)}
-        log.info("weights auto: seconds for layer 0 and the output layer at rows %s: %s", AUTO_ROWS, costs)
-        _FASTEST[key] = min(costs, key=costs.get)
-    return _FASTEST[key]
+    widths = [stack[0].in_features for stack in stacks]
+    quantized = QuantizedWeights(quantized_dtype, groups)
+    candidates = {
+        "dense": ([FusedLinear([_cast_linear(m, dense_dtype) for m in stack]) for stack in stacks], dense_dtype),
+        "int4": ([quantized.linear(stack) for stack in stacks], quantized_dtype),
+    }
+    best = {mode: float("inf") for mode in candidates}
+    for _ in range(AUTO_ROUNDS):
+        for mode, (linears, dtype) in candidates.items():
+            best[mode] = min(best[mode], _cost(linears, widths, dtype))
+    log.info("weights auto: seconds for layer 0 and the output layer at rows %s: %s", AUTO_ROWS, best)
+    return min(best, key=best.get), best
 
 
-def _cost(linears: list[StackedLinear], widths: list[int], dtype: torch.dtype, repeats: int = 5) -> float:
+def _cost(linears: list[StackedLinear], widths: list[int], dtype: torch.dtype) -> float:
     """Seconds for one call of each of ``linears`` (input widths ``widths``) at each of :data:`AUTO_ROWS`
-    rows, best of ``repeats``."""
+    rows."""
     total = 0.0
     for rows in AUTO_ROWS:
         inputs = [torch.randn(1, rows, width, dtype=dtype) for width in widths]
-        best = float("inf")
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            for linear, x in zip(linears, inputs):
-                linear(x, True)
-            best = min(best, time.perf_counter() - start)
-        total += best
+        start = time.perf_counter()
+        for linear, x in zip(linears, inputs):
+            linear(x, True)
+        total += time.perf_counter() - start
     return total
 
 
