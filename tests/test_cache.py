@@ -259,3 +259,23 @@ def test_generate_and_demo_default_to_the_best_methods():
     parser = build_parser()
     assert parser.parse_args(["generate", "--prompt", "hi"]).drafter == "auto"
     assert parser.parse_args(["demo"]).methods == "ar,suffix,auto"
+
+
+def test_quantized_weights_are_packed_on_the_first_load_only(gguf_file, monkeypatch):
+    from quickdraft.models import quantized
+
+    built = []
+    build = quantized.Int8Linear.__init__
+    monkeypatch.setattr(quantized.Int8Linear, "__init__", lambda self, *a, **k: built.append(1) or build(self, *a, **k))
+    first = load_model(str(gguf_file), dtype="float32", device="cpu", weights="int8")
+    packed = len(built)
+    assert packed > 0
+    second = load_model(str(gguf_file), dtype="float32", device="cpu", weights="int8")
+    assert len(built) == packed  # read from the cache
+    ids = [1, 2, 3, 4]
+    assert torch.equal(second.target.new_session(16).prefill(ids), first.target.new_session(16).prefill(ids))
+    stat = gguf_file.stat()
+    write_tiny_gguf(gguf_file, seed=1)  # same size, new content
+    os.utime(gguf_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    load_model(str(gguf_file), dtype="float32", device="cpu", weights="int8")
+    assert len(built) == 2 * packed  # a changed file is packed again

@@ -202,13 +202,14 @@ def test_auto_choice_is_measured_once_per_model_and_machine(tmp_path, monkeypatc
     model_file.write_bytes(b"GGUF" + bytes(100))
     hf_model = tiny_hf_model("llama")
     groups = q4_1_groups(hf_model)
-    first = quantized.cached_fastest_mode(model_file, hf_model, groups, torch.bfloat16, torch.float32)
+    read_groups = lambda: groups  # noqa: E731
+    first = quantized.cached_fastest_mode(model_file, hf_model, read_groups, torch.bfloat16, torch.float32)
     assert first in ("dense", "int4")
     monkeypatch.setattr(quantized, "fastest_mode", lambda *args: pytest.fail("measured twice"))
-    assert quantized.cached_fastest_mode(model_file, hf_model, groups, torch.bfloat16, torch.float32) == first
+    assert quantized.cached_fastest_mode(model_file, hf_model, read_groups, torch.bfloat16, torch.float32) == first
     model_file.write_bytes(b"GGUF" + bytes(101))  # another model file: measured again
     with pytest.raises(pytest.fail.Exception, match="measured twice"):
-        quantized.cached_fastest_mode(model_file, hf_model, groups, torch.bfloat16, torch.float32)
+        quantized.cached_fastest_mode(model_file, hf_model, read_groups, torch.bfloat16, torch.float32)
 
 
 def quantized_engine(architecture: str, mode: str) -> tuple[Engine, torch.nn.Module]:
@@ -241,3 +242,28 @@ def test_every_drafter_reproduces_plain_decoding_on_the_quantized_target(archite
     # which drafters' guesses come true depends on the random model's output (lookahead's and the n-gram
     # drafters' may not on these short outputs); the identity must not be vacuous for all of them
     assert len(accepting) >= 3 and "draft" in accepting, f"only {sorted(accepting)} had draft tokens accepted"
+
+
+def test_packed_weights_read_back_give_the_same_forward_without_reading_groups(tmp_path):
+    """What the first load packs (int4 groups, int8 codes) is saved and read back bit for bit; a load from the
+    saved weights neither reads the file's groups nor quantizes anything."""
+    from quickdraft.models import packed_cache
+
+    hf_model = tiny_hf_model("llama")
+    twin = copy.deepcopy(hf_model)
+    names = {module: name for name, module in hf_model.named_modules()}
+    recorder = packed_cache.PackedWeights(names, key=None)
+    first = NativeCausalLM(hf_model, QuantizedWeights(torch.bfloat16, q4_1_groups(hf_model, ("q_proj", "k_proj")),
+                                                      recorder))
+    assert {type(linear).__name__ for linear in recorder.built.values()} == {"ConcatenatedLinear", "Int8Linear"}
+    packed_cache.write(tmp_path, recorder.built)
+
+    def no_groups() -> dict:
+        raise AssertionError("read the groups although every linear was saved")
+
+    saved = packed_cache.read(tmp_path)
+    names = {module: name for name, module in twin.named_modules()}
+    second = NativeCausalLM(twin, QuantizedWeights(torch.bfloat16, no_groups, packed_cache.PackedWeights(names, None,
+                                                                                                         saved)))
+    for ids in PROMPTS:
+        assert torch.equal(second.new_session(64).prefill(ids), first.new_session(64).prefill(ids))

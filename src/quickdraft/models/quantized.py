@@ -28,11 +28,13 @@ afterwards that model's linears raise if called; the native target is the model.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -47,6 +49,9 @@ from quickdraft.models.layouts import (
     fused_bias,
 )
 
+if TYPE_CHECKING:
+    from quickdraft.models.packed_cache import PackedWeights
+
 WEIGHT_MODES = ("dense", "int8", "int4", "auto")
 DEFAULT_WEIGHTS = "auto"
 QUANTIZED_MODES = ("int8", "int4")
@@ -55,6 +60,8 @@ AUTO_ROWS = (1, 4)
 AUTO_ROUNDS = 12
 
 log = logging.getLogger(__name__)
+#: A GGUF file's int4 groups by the transformers model's linear layer they belong to.
+Groups = dict[torch.nn.Module, Int4Groups]
 
 
 def check_weights(mode: str, device: torch.device) -> None:
@@ -83,16 +90,19 @@ def holder_for(mode: str, path: Path, hf_model: torch.nn.Module, dtype_name: str
     measured once per model and machine and cached); on anything else, or off CPU, it is ``dense``."""
     quantized_dtype = torch.bfloat16 if dtype_name == "auto" else dense_dtype
     gguf = path.is_file() and path.suffix == ".gguf"
-    groups = gguf_int4_groups(path, hf_model) if gguf and mode in ("int4", "auto") else {}
+    groups = functools.cache(lambda: gguf_int4_groups(path, hf_model) if gguf else {})
     if mode == "auto":
         on_cpu = next(hf_model.parameters()).device.type == "cpu"
-        mode = (cached_fastest_mode(path, hf_model, groups, quantized_dtype, dense_dtype) if groups and on_cpu
-                else "dense")
+        mode = cached_fastest_mode(path, hf_model, groups, quantized_dtype, dense_dtype) if gguf and on_cpu \
+            else "dense"
         log.info("weights auto: %s", mode)
     if mode == "dense":
         _cast_parameters(hf_model, dense_dtype)
         return DenseWeights()
-    return QuantizedWeights(quantized_dtype, groups if mode == "int4" else {})
+    from quickdraft.models.packed_cache import PackedWeights
+
+    packed = PackedWeights.for_model(path, hf_model, mode, quantized_dtype)
+    return QuantizedWeights(quantized_dtype, groups if mode == "int4" else {}, packed)
 
 
 class QuantizedWeights:
@@ -100,21 +110,35 @@ class QuantizedWeights:
     ``groups`` (a GGUF file's 4-bit tensors, by module), int8 per output channel for every other linear and
     the embedding, with ``dtype`` activations."""
 
-    def __init__(self, dtype: torch.dtype, groups: dict[torch.nn.Module, Int4Groups] | None = None) -> None:
+    def __init__(self, dtype: torch.dtype, groups: Groups | Callable[[], Groups] | None = None,
+                 packed: PackedWeights | None = None) -> None:
+        """``groups``: the int4 groups by layer, or a function that reads them (called only where a layer is
+        not in ``packed``); ``packed``: kernel-ready weights of an earlier load, and where new ones go."""
         self.dtype = dtype
-        self.groups = groups or {}
+        self._groups = groups if groups is not None else {}
+        self.packed = packed
+        #: ``int4`` where layers may have int4 groups, else ``int8``.
+        self.mode = "int4" if callable(groups) or groups else "int8"
 
     @property
-    def mode(self) -> str:
-        """``int4`` where some layers have int4 groups, else ``int8``."""
-        return "int4" if self.groups else "int8"
+    def groups(self) -> Groups:
+        if callable(self._groups):
+            self._groups = self._groups()
+        return self._groups
 
     def linear(self, layers: Sequence[torch.nn.Linear]) -> StackedLinear:
         """Int4 for the runs of consecutive layers that have groups, int8 for the others; several runs (say
-        q and k in Q4_K, v in Q6_K) are multiplied separately and their outputs concatenated."""
+        q and k in Q4_K, v in Q6_K) are multiplied separately and their outputs concatenated. Read from
+        ``packed`` where it holds them, and recorded there where it does not."""
+        found = self.packed.lookup(layers) if self.packed else None
+        if found is not None:
+            return found
         runs = [list(run) for _, run in itertools.groupby(layers, key=lambda layer: layer in self.groups)]
         parts = [self._run(run) for run in runs]
-        return parts[0] if len(parts) == 1 else ConcatenatedLinear(parts)
+        linear = parts[0] if len(parts) == 1 else ConcatenatedLinear(parts)
+        if self.packed:
+            self.packed.record(layers, linear)
+        return linear
 
     def _run(self, layers: list[torch.nn.Linear]) -> StackedLinear:
         sizes = [layer.out_features for layer in layers]
@@ -144,6 +168,8 @@ class QuantizedWeights:
                 _release(module)
         _cast_parameters(hf_model, self.dtype)
         _return_freed_memory()
+        if self.packed:
+            self.packed.save()
 
 
 class Int8Linear(StackedLinear):
@@ -156,6 +182,15 @@ class Int8Linear(StackedLinear):
         """``weight [out, in]`` float; ``bias [out]`` in ``dtype`` or None."""
         super().__init__(sizes, bias)
         self.codes, self.scales = int8_per_channel(weight, dtype)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, sizes: Sequence[int],
+                   bias: torch.Tensor | None) -> Int8Linear:
+        """The linear of already quantized ``codes [out, in]`` int8 and ``scales [out]`` (a cache's)."""
+        linear = cls.__new__(cls)
+        StackedLinear.__init__(linear, sizes, bias)
+        linear.codes, linear.scales = codes, scales
+        return linear
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         out = torch._weight_int8pack_mm(_flat(x), self.codes, self.scales)
@@ -175,6 +210,15 @@ class Int4Linear(StackedLinear):
         # [in / 32, out, 2]: the kernel's layout of (scale, zero) per group
         self.scales_and_zeros = torch.stack([groups.scales, groups.zeros], dim=-1).transpose(0, 1).contiguous() \
             .to(dtype)
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, scales_and_zeros: torch.Tensor, sizes: Sequence[int],
+                    bias: torch.Tensor | None) -> Int4Linear:
+        """The linear of weights already packed for the kernel (a cache's)."""
+        linear = cls.__new__(cls)
+        StackedLinear.__init__(linear, sizes, bias)
+        linear.packed, linear.scales_and_zeros = packed, scales_and_zeros
+        return linear
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         out = torch._weight_int4pack_mm_for_cpu(_flat(x), self.packed, GROUP, self.scales_and_zeros)
@@ -318,10 +362,11 @@ def _matches(groups: Int4Groups, weight: torch.Tensor, rows: int = 64) -> bool:
     return mine.shape == dense.shape and torch.allclose(mine, dense, rtol=1e-6, atol=1e-7)
 
 
-def cached_fastest_mode(path: Path, hf_model: torch.nn.Module, groups: dict[torch.nn.Module, Int4Groups],
+def cached_fastest_mode(path: Path, hf_model: torch.nn.Module, groups: Callable[[], Groups],
                         quantized_dtype: torch.dtype, dense_dtype: torch.dtype) -> str:
-    """:func:`fastest_mode`, through the cache (kind ``weights-choice``, keyed by the model file's fingerprint,
-    the dtypes and :func:`quickdraft.cache.machine_key`): measured on the first load on a machine, read after.
+    """:func:`fastest_mode` of the file's int4 ``groups`` (read by calling it; none: ``dense``), through the
+    cache (kind ``weights-choice``, keyed by the model file's fingerprint, the dtypes and
+    :func:`quickdraft.cache.machine_key`): measured on the first load on a machine, read after.
     ``quickdraft cache clear`` measures again."""
     import json
 
@@ -331,7 +376,8 @@ def cached_fastest_mode(path: Path, hf_model: torch.nn.Module, groups: dict[torc
            "dense_dtype": str(dense_dtype)}
 
     def write(folder: Path) -> None:
-        mode, costs = fastest_mode(hf_model, groups, quantized_dtype, dense_dtype)
+        found = groups()
+        mode, costs = fastest_mode(hf_model, found, quantized_dtype, dense_dtype) if found else ("dense", {})
         (folder / "choice.json").write_text(json.dumps({"mode": mode, "seconds": costs}))
 
     def read(folder: Path) -> str:

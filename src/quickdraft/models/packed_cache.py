@@ -1,0 +1,127 @@
+"""Kernel-ready quantized weights kept in the cache, so that a second load reads them instead of building them.
+
+Building quantized weights costs seconds on every load: reading a GGUF file's int4 groups, packing them for
+``torch._weight_int4pack_mm_for_cpu`` (whose packed layout depends on the CPU's instruction set) and
+quantizing the other linears to int8. :class:`PackedWeights` records what
+:class:`~quickdraft.models.quantized.QuantizedWeights` builds on the first load and saves it (cache kind
+``packed-weights``, keyed by the model file's fingerprint, the weights mode, the activation dtype and
+:func:`quickdraft.cache.machine_key`); later loads look each stacked linear up by its layers' names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quickdraft import cache
+from quickdraft.models.layouts import StackedLinear
+from quickdraft.models.quantized import ConcatenatedLinear, Int4Linear, Int8Linear
+
+log = logging.getLogger(__name__)
+
+KIND = "packed-weights"
+LAYOUT_FILE = "layout.json"
+TENSORS_FILE = "weights.safetensors"
+
+
+class PackedWeights:
+    """The stacked quantized linears of one model by the names of their layers: those read from the cache
+    (``saved``), and those built during this load (recorded, then saved by :meth:`save`)."""
+
+    def __init__(self, names: dict[torch.nn.Module, str], key: dict[str, str] | None,
+                 saved: dict[str, StackedLinear] | None = None) -> None:
+        """``names``: each layer's name in the model; ``key``: the cache key to save under (None: no saving)."""
+        self.names = names
+        self.key = key
+        self.saved = saved or {}
+        self.built: dict[str, StackedLinear] = {}
+
+    @classmethod
+    def for_model(cls, path: Path, hf_model: torch.nn.Module, mode: str, dtype: torch.dtype) -> PackedWeights:
+        """The packed weights of the model at ``path`` in weights ``mode`` with ``dtype`` activations, read from
+        the cache where an earlier load saved them (an entry that cannot be read is dropped and rebuilt)."""
+        from importlib.metadata import version
+
+        names = {module: name for name, module in hf_model.named_modules()}
+        key = {**cache.fingerprint(path), **cache.machine_key("cpu"), "weights": mode, "dtype": str(dtype),
+               "quickdraft": version("quickdraft")}
+        folder = cache.lookup(KIND, key)
+        if folder is None:
+            return cls(names, key)
+        try:
+            return cls(names, None, read(folder))
+        except Exception as error:  # any failure to read an entry means: rebuild it
+            log.warning("cache entry %s could not be read (%s); building it again", folder, error)
+            cache.discard(folder)
+            return cls(names, key)
+
+    def lookup(self, layers: Sequence[torch.nn.Module]) -> StackedLinear | None:
+        return self.saved.get(self._name(layers))
+
+    def record(self, layers: Sequence[torch.nn.Module], linear: StackedLinear) -> None:
+        self.built[self._name(layers)] = linear
+
+    def save(self) -> None:
+        """Store what this load built, where it read nothing from the cache."""
+        if self.key is None or not self.built:
+            return
+        cache.store(KIND, self.key, lambda folder: write(folder, self.built), label="packed quantized weights")
+        self.built = {}
+
+    def _name(self, layers: Sequence[torch.nn.Module]) -> str:
+        return "+".join(self.names[layer] for layer in layers)
+
+
+def write(folder: Path, linears: dict[str, StackedLinear]) -> None:
+    """Save ``linears`` (by name) as one safetensors file and a JSON layout of their kinds and sizes."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    layout = {name: _flattened(linear, name, tensors) for name, linear in linears.items()}
+    save_file({name: t.contiguous() for name, t in tensors.items()}, folder / TENSORS_FILE)
+    (folder / LAYOUT_FILE).write_text(json.dumps(layout))
+
+
+def read(folder: Path) -> dict[str, StackedLinear]:
+    """The inverse of :func:`write`."""
+    from safetensors.torch import load_file
+
+    # cloned: the kernels read with aligned vector loads, and safetensors' tensors need not be aligned
+    tensors = {name: tensor.clone() for name, tensor in load_file(folder / TENSORS_FILE).items()}
+    layout = json.loads((folder / LAYOUT_FILE).read_text())
+    return {name: _rebuilt(entry, name, tensors) for name, entry in layout.items()}
+
+
+def _flattened(linear: StackedLinear, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``linear``'s layout entry; its tensors go into ``tensors`` under ``prefix``."""
+    entry: dict[str, Any] = {"sizes": linear.sizes, "bias": linear.bias is not None}
+    if linear.bias is not None:
+        tensors[f"{prefix}.bias"] = linear.bias
+    if isinstance(linear, Int4Linear):
+        tensors[f"{prefix}.packed"], tensors[f"{prefix}.scales_and_zeros"] = linear.packed, linear.scales_and_zeros
+        return {**entry, "kind": "int4"}
+    if isinstance(linear, Int8Linear):
+        tensors[f"{prefix}.codes"], tensors[f"{prefix}.scales"] = linear.codes, linear.scales
+        return {**entry, "kind": "int8"}
+    if isinstance(linear, ConcatenatedLinear):
+        parts = [_flattened(part, f"{prefix}.{i}", tensors) for i, part in enumerate(linear.parts)]
+        return {**entry, "kind": "concatenated", "parts": parts}
+    raise TypeError(f"cannot cache a {type(linear).__name__}")
+
+
+def _rebuilt(entry: dict[str, Any], prefix: str, tensors: dict[str, torch.Tensor]) -> StackedLinear:
+    """The inverse of :func:`_flattened`."""
+    bias = tensors[f"{prefix}.bias"] if entry["bias"] else None
+    if entry["kind"] == "int4":
+        return Int4Linear.from_packed(tensors[f"{prefix}.packed"], tensors[f"{prefix}.scales_and_zeros"],
+                                      entry["sizes"], bias)
+    if entry["kind"] == "int8":
+        return Int8Linear.from_codes(tensors[f"{prefix}.codes"], tensors[f"{prefix}.scales"], entry["sizes"], bias)
+    if entry["kind"] == "concatenated":
+        return ConcatenatedLinear([_rebuilt(part, f"{prefix}.{i}", tensors) for i, part in enumerate(entry["parts"])])
+    raise ValueError(f"unknown packed kind {entry['kind']!r}")
