@@ -1,4 +1,4 @@
-"""The ``quickdraft`` command: generate | demo | bench | profile | index | serve | cache."""
+"""The ``quickdraft`` command: generate | demo | bench | profile | agreement | index | serve | cache."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from quickdraft.bench.agreement_cli import AGREEMENT_HELP, add_agreement_arguments, agreement_main
 from quickdraft.bench.cli import add_bench_arguments, add_profile_arguments, bench_main, profile_main
 from quickdraft.cli_args import (
     add_datastore_argument,
@@ -215,6 +216,9 @@ def _add_optional_commands(sub: Any) -> None:
     profile = sub.add_parser("profile", help="measure the verification cost curve c(k)")
     add_profile_arguments(profile)
     profile.set_defaults(handler=profile_main)
+    agreement = sub.add_parser("agreement", help=AGREEMENT_HELP)
+    add_agreement_arguments(agreement)
+    agreement.set_defaults(handler=agreement_main)
     serve = sub.add_parser("serve", help="OpenAI-compatible server with batched speculative decoding")
     add_serve_arguments(serve)
     serve.set_defaults(handler=serve_main)

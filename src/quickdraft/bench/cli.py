@@ -66,7 +66,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=None,
                         help="comma-separated: ar (baseline, always run), any registered drafter (NAME@N: with "
                              "a fixed budget of N draft nodes per step instead of the adaptive one), hf, hf-pld, "
-                             f"hf-assisted (needs --draft-model), llamacpp (default: {DEFAULT_METHODS}; "
+                             "hf-assisted (needs --draft-model), llamacpp, vllm, vllm-ngram, vllm+NAME[@K] (vLLM "
+                             "in .venv-vllm: make setup-vllm; NAME a token-only drafter, K speculative tokens) "
+                             f"(default: {DEFAULT_METHODS}; "
                              f"{DEFAULT_QUANTIZED_METHODS} with --weights other than dense)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per answer (default: 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
@@ -196,7 +198,7 @@ def _bench(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     questions = load_questions(args.dataset, args.per_category)
     methods, weights = bench_methods(args.methods, args.weights)
-    check_methods(methods, draft_model=args.draft_model)
+    check_methods(methods, draft_model=args.draft_model, params=params)
     options = parse_drafter_options(args.drafter_option, methods, args.datastore)
     for method, method_options in options.items():
         check_drafter_options(parse_method(method)[0], method_options)
@@ -210,18 +212,19 @@ def _bench(args: argparse.Namespace) -> int:
         "per_category": args.per_category,
         "command": list(getattr(args, "argv", None) or sys.argv),
     }
-    with _progress_bar(console, "building methods", count_generations(questions, len(methods))) as step:
+    with progress_bar(console, "building methods", count_generations(questions, len(methods))) as step:
         report = run_bench(engine, questions, methods, max_new_tokens=args.max_new_tokens, params=params,
                            draft_model=args.draft_model, drafter_options=options, warmup_tokens=args.warmup_tokens,
                            llamacpp_threads=args.llamacpp_threads, settings=settings,
                            on_generation=lambda method, label: step(f"{method:>12} {label}"))
+    _add_vllm_summary(report, methods, console)
     render_table(report, console)
     _write_report_files(report, args, console)
     return 0
 
 
 @contextmanager
-def _progress_bar(console: Console, description: str, total: int) -> Iterator[Callable[..., None]]:
+def progress_bar(console: Console, description: str, total: int) -> Iterator[Callable[..., None]]:
     """A transient bar over ``total`` steps; yields ``step(description=None)``, which advances it by one and
     optionally replaces its description."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -231,6 +234,15 @@ def _progress_bar(console: Console, description: str, total: int) -> Iterator[Ca
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(description, total=total)
         yield lambda new_description=None: progress.update(task, advance=1, description=new_description)
+
+
+def _add_vllm_summary(report: BenchReport, methods: Sequence[str], console: Console) -> None:
+    """Record vLLM's version and its methods' agreement with plain vLLM decoding, where vLLM ran."""
+    from quickdraft.bench.vllm_peer import is_vllm_method, summary_line, vllm_summary
+
+    if any(is_vllm_method(m) for m in methods):
+        report.settings["vllm"] = vllm_summary(report.run)
+        console.print(summary_line(report.settings["vllm"]))
 
 
 def _write_report_files(report: BenchReport, args: argparse.Namespace, console: Console) -> None:
@@ -303,7 +315,7 @@ def _measured_curve(args: argparse.Namespace, console: Console) -> tuple[list[Co
     with console.status("loading the model ..."):
         engine = Engine.from_pretrained(args.model, None, dtype=args.dtype, device=args.device, weights=weights)
     timer = prof.make_timer(engine, ks, args.backend, args.context)
-    with _progress_bar(console, "timing forwards", args.repeats * len(ks)) as step:
+    with progress_bar(console, "timing forwards", args.repeats * len(ks)) as step:
         curve = prof.measure_cost_curve(timer, ks, args.repeats, on_measure=lambda k: step())
     settings = {**engine_settings(engine), "context": args.context, "repeats": args.repeats, "backend": timer.name}
     return curve, settings
