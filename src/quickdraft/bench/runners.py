@@ -12,7 +12,9 @@ tokens up to but excluding the first end-of-sequence token.
   is left out of ``ar``'s seconds;
 - ``hf``, ``hf-pld``, ``hf-assisted``: :class:`HFRunner`, transformers ``generate`` on the engine's own
   transformers model (plain, ``prompt_lookup_num_tokens=10``, or with ``assistant_model``);
-- ``llamacpp``: :class:`LlamaCppRunner`, llama-cpp-python's plain decoding of the same GGUF file.
+- ``llamacpp``: :class:`LlamaCppRunner`, llama-cpp-python's plain decoding of the same GGUF file;
+- ``vllm``, ``vllm-ngram``, ``vllm+NAME``: :class:`~quickdraft.bench.vllm_peer.VllmRunner`, vLLM in a worker
+  process of its own environment (:mod:`quickdraft.bench.vllm_peer`).
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ from typing import Any, Protocol
 import torch
 
 from quickdraft.bench.top2 import Top2, Top2Recorder
-from quickdraft.devices import synchronize
+from quickdraft.devices import dtype_name, synchronize
 from quickdraft.engine import Engine, eos_token_ids
 from quickdraft.errors import InvalidRequestError
 from quickdraft.models.loading import LoadedModel, load_draft_model
 from quickdraft.types import SamplingParams
 
 BASELINE = "ar"
-PEERS = ("hf", "hf-pld", "hf-assisted", "llamacpp")
+PEERS = ("hf", "hf-pld", "hf-assisted", "llamacpp", "vllm", "vllm-ngram")
 PLD_NUM_TOKENS = 10
 LLAMACPP_INSTALL_HINT = "pip install llama-cpp-python (or pip install 'quickdraft[llamacpp]')"
 
@@ -289,7 +291,13 @@ def split_methods(spec: str | Iterable[str]) -> list[str]:
 
 def parse_method(name: str) -> tuple[str, int | None]:
     """A method name's drafter and fixed draft budget: ``"suffix@8"`` is the suffix drafter verifying 8 draft
-    nodes every step, ``"suffix"`` the same drafter with the budget chosen per step (None)."""
+    nodes every step, ``"suffix"`` the same drafter with the budget chosen per step (None); ``"vllm+suffix@8"``
+    is the suffix drafter inside vLLM with 8 speculative tokens."""
+    from quickdraft.bench.vllm_peer import QUICKDRAFT, parse_vllm_method
+
+    if name.startswith(QUICKDRAFT):
+        method = parse_vllm_method(name)
+        return str(method.drafter), method.k
     drafter, at, budget = name.partition("@")
     if not at:
         return name, None
@@ -301,12 +309,17 @@ def parse_method(name: str) -> tuple[str, int | None]:
     return drafter, int(budget)
 
 
-def check_methods(methods: Sequence[str], *, draft_model: str | None = None) -> None:
+def check_methods(methods: Sequence[str], *, draft_model: str | None = None,
+                  params: SamplingParams | None = None) -> None:
     """Fail early (before any model loads) on a method that cannot run."""
+    from quickdraft.bench.vllm_peer import check_vllm_method, is_vllm_method
     from quickdraft.drafters import available_drafters, drafter_class
     from quickdraft.errors import UnknownDrafterError
 
     for method in methods:
+        if is_vllm_method(method):
+            check_vllm_method(method, params)
+            continue
         name, _ = parse_method(method)
         if name == BASELINE or name in PEERS:
             continue
@@ -337,6 +350,8 @@ def build_runners(
 
     ``drafter_options`` maps a method name to its drafter options.
     """
+    from quickdraft.bench.vllm_peer import build_vllm_runner, is_vllm_method
+
     drafter_options = drafter_options or {}
     runners: list[MethodRunner] = []
     draft: LoadedModel | None = None
@@ -381,6 +396,9 @@ def build_runners(
                     seed=seed,
                 )
             )
+        elif is_vllm_method(name):
+            runners.append(build_vllm_runner(name, str(engine.model_path), dtype_name(engine.dtype), eos,
+                                             drafter_options.get(name), seed))
         else:
             drafter, budget = parse_method(name)
             runners.append(EngineRunner(name, engine.with_drafter(drafter, drafter_options.get(name) or None, budget)))
