@@ -8,6 +8,7 @@ from quickdraft.drafters import available_drafters, register
 from quickdraft.drafters.base import DraftContext, Drafter
 from quickdraft.engine import Engine, check_prompt, eos_token_ids, plain_transcript
 from quickdraft.errors import InvalidRequestError, UnknownDrafterError
+from quickdraft.heads import new_head
 from quickdraft.models.native import NativeCausalLM
 from quickdraft.types import DraftTree, SamplingParams
 
@@ -22,7 +23,14 @@ PROMPTS = [
 #: Options for drafters that need more than their defaults on a tiny model.
 DRAFTER_OPTIONS = {
     "draft": lambda engine: {"model": NativeCausalLM(perturbed_copy(engine.hf_model))},
+    # untrained heads: no shipped head fits a tiny model (trained ones: tests/test_heads.py)
+    "eagle": lambda engine: {"head": untrained_head("eagle", engine)},
+    "medusa": lambda engine: {"head": untrained_head("medusa", engine)},
 }
+
+
+def untrained_head(kind: str, engine: Engine):
+    return new_head(kind, engine.loaded.target, engine.tokenizer, list(range(engine.loaded.target.vocab_size)))
 
 #: Drafters that need resources a tiny random model cannot provide; tested on real models elsewhere.
 NEEDS_REAL_MODELS = {"xvocab"}

@@ -1,4 +1,4 @@
-"""The ``quickdraft`` command: generate | demo | bench | profile | agreement | index | serve | cache."""
+"""The ``quickdraft`` command: generate | demo | bench | profile | agreement | index | serve | cache | train."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from quickdraft.cli_args import (
 )
 from quickdraft.errors import QuickdraftError
 from quickdraft.server.cli import add_serve_arguments, serve_main
+from quickdraft.train.cli import add_train_arguments, train_main
 
 #: Where a command's results go (the demo's table and what explains it); status and errors go to ``console``.
 results = Console()
@@ -222,6 +223,9 @@ def _add_optional_commands(sub: Any) -> None:
     serve = sub.add_parser("serve", help="OpenAI-compatible server with batched speculative decoding")
     add_serve_arguments(serve)
     serve.set_defaults(handler=serve_main)
+    train = sub.add_parser("train", help="train an EAGLE-style or Medusa head for a model (self-distillation)")
+    add_train_arguments(train)
+    train.set_defaults(handler=train_main)
 
 
 def main(argv: list[str] | None = None) -> int:

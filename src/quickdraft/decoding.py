@@ -32,7 +32,7 @@ from typing import Any
 from quickdraft.detok import TextAssembler
 from quickdraft.draft_budget import RequestEstimate
 from quickdraft.drafters import DraftContext, Drafter, StepOutcome
-from quickdraft.models.base import TREE, ForwardOutput, TargetSession
+from quickdraft.models.base import HIDDEN_STATES, TREE, ForwardOutput, TargetSession
 from quickdraft.models.native_session import NativeSession, verify_batch
 from quickdraft.sampling import choose, make_generator
 from quickdraft.types import DraftTree, GenerationResult, GenerationStats, SamplingParams
@@ -189,15 +189,25 @@ class Sequence:
 
 def prefill(sequence: Sequence) -> StreamChunk:
     """Start the request: ``drafter.begin``, one forward over the prompt, the first token sampled and
-    committed. Raises whatever the drafter's ``begin`` or the forward raises."""
+    committed; a drafter that needs ``"hidden_states"`` then observes the prompt's (``observe_prompt``). Raises
+    whatever the drafter's ``begin`` or the forward raises."""
     sequence.started = time.perf_counter()
-    if sequence.drafter is not None:
-        sequence.drafter.begin(sequence.ctx)
-    logits = sequence.session.prefill(sequence.ctx.tokens)
+    drafter = sequence.drafter
+    if drafter is not None:
+        drafter.begin(sequence.ctx)
+    hidden = None
+    if drafter is not None and "hidden_states" in drafter.needs and HIDDEN_STATES in sequence.session.capabilities:
+        out = sequence.session.prefill_hidden(sequence.ctx.tokens, drafter.hidden_layers)
+        logits, hidden = out.logits[-1], out.hidden
+    else:
+        logits = sequence.session.prefill(sequence.ctx.tokens)
     first = choose(logits, sequence.params, sequence.generator)
     sequence.stats.prefill_seconds = time.perf_counter() - sequence.started
     sequence.stats.target_forwards = 1
     sequence.ctx.tokens.append(first)
+    if hidden is not None:
+        with sequence.drafting("observe_prompt"):
+            drafter.observe_prompt(sequence.ctx, hidden)
     return sequence.commit([first])[0]
 
 

@@ -22,6 +22,8 @@ _BUILTIN_MODULES = (
     "quickdraft.drafters.auto",
     "quickdraft.drafters.layerskip",
     "quickdraft.drafters.xvocab",
+    "quickdraft.drafters.eagle",
+    "quickdraft.drafters.medusa",
 )
 
 

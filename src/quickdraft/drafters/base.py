@@ -4,7 +4,8 @@ A drafter declares in ``needs`` what it requires from the engine (never the othe
 not branch on drafter names). Known needs:
 
 - ``"target_logits"``: :class:`StepOutcome.logits` holds the target's logits for every verified row.
-- ``"hidden_states"``: the target's hidden states (layers in ``hidden_layers``) are returned each step.
+- ``"hidden_states"``: the target's hidden states (layers in ``hidden_layers``) are returned each step, and
+  the prompt's are given to :meth:`Drafter.observe_prompt` (where the target session declares them).
 - ``"target_session"``: :class:`DraftContext.target` is the target's session (self-speculation).
 """
 
@@ -87,6 +88,11 @@ class Drafter(ABC):
 
     def begin(self, ctx: DraftContext) -> None:
         """A new request starts; ``ctx.tokens`` is its prompt."""
+
+    def observe_prompt(self, ctx: DraftContext, hidden: dict[int, torch.Tensor]) -> None:
+        """The prompt's hidden states ``{layer: [P, hidden]}`` (layers in ``hidden_layers``; layer ``-1`` for the
+        last prompt token only), for a drafter that needs ``"hidden_states"`` on a session that declares them;
+        called once after the prefill, when ``ctx.tokens`` already ends with the first generated token."""
 
     @abstractmethod
     def propose(self, ctx: DraftContext, budget: int) -> DraftTree:

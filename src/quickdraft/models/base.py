@@ -43,6 +43,12 @@ class TargetSession(ABC):
         """Reset the cache, put the whole prompt in it and return the logits ``[V]`` after its last token.
         The first generated token, sampled from them, is the root of the first verification."""
 
+    def prefill_hidden(self, prompt_ids: list[int], hidden_layers: tuple[int, ...]) -> ForwardOutput:
+        """:meth:`prefill`, also returning the hidden states ``{layer: [P, hidden]}`` of the prompt's tokens
+        (layer ``-1``, the final normed state, for the last token only); logits ``[1, V]`` after the last.
+        Only sessions that declare ``HIDDEN_STATES`` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot return hidden states")
+
     @abstractmethod
     def verify(self, root: int, tree: DraftTree, hidden_layers: tuple[int, ...] = ()) -> ForwardOutput:
         """Forward the root and the tree's nodes in one pass (tree attention); rows as in ``verify.py``."""

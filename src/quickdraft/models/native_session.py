@@ -101,18 +101,26 @@ class NativeSession(TargetSession):
         self.cache.truncate(0, self._row)
         return self.extend(prompt_ids)
 
+    def prefill_hidden(self, prompt_ids: list[int], hidden_layers: tuple[int, ...]) -> ForwardOutput:
+        self.cache.truncate(0, self._row)
+        return self._append(prompt_ids, hidden_layers)
+
     def extend(self, token_ids: list[int]) -> torch.Tensor:
         """Append ``token_ids`` to the cache; return the logits ``[V]`` after the last of them."""
+        return self._append(token_ids).logits[-1]
+
+    def _append(self, token_ids: list[int], hidden_layers: tuple[int, ...] = ()) -> ForwardOutput:
+        """Append ``token_ids`` to the cache: logits ``[1, V]`` after the last, ``hidden_layers`` of all."""
         start = self.cache.lengths[self._row]
         count = len(token_ids)
         positions = torch.arange(start, start + count).unsqueeze(0)
         mask = None if start == 0 or count == 1 else _causal_mask(start, count).unsqueeze(0)
         out = self.model.forward(
-            torch.tensor([token_ids]), positions, self.cache, start, mask, logit_rows=slice(-1, None),
-            rows=self._rows,
+            torch.tensor([token_ids]), positions, self.cache, start, mask, hidden_layers=hidden_layers,
+            logit_rows=slice(-1, None), rows=self._rows,
         )
         self.cache.truncate(start + count, self._row)
-        return out.logits[-1]
+        return out
 
     def truncate(self, length: int) -> None:
         self.cache.truncate(length, self._row)

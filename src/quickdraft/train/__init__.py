@@ -1,0 +1,1 @@
+"""``quickdraft train``: self-distilled training of EAGLE-style and Medusa heads (:mod:`quickdraft.heads`)."""
