@@ -308,3 +308,22 @@ def test_no_shipped_head_for_a_tiny_model_and_no_hidden_states_on_the_fallback(p
     fallback = tiny_loaded("llama", native=False)
     with pytest.raises(InvalidRequestError, match="needs the target's hidden states"):
         Engine(fallback).with_drafter("medusa", {"head": "anything"})
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_auto_merges_the_head_tree_with_the_suffix_tree(plain, heads, sampled):
+    """``auto`` with the eagle head among its sources: the head gets the prompt's features through auto, its
+    nodes are accepted, and greedy output stays plain decoding's (sampling: point masses, still lossless)."""
+    engine = plain.with_drafter("auto", {"sources": "suffix,eagle", "head": heads["eagle", "trained"]},
+                                draft_budget=8)
+    engine.eos_token_ids = frozenset()
+    eagle_source = engine.drafter.sources[1]
+    assert engine.drafter.needs == {"hidden_states"} and engine.drafter.hidden_layers == eagle_source.hidden_layers
+    accepted = 0
+    for seed, prompt in enumerate(PROMPTS):
+        params = SamplingParams(temperature=1.0, seed=seed) if sampled else SamplingParams()
+        got = engine.generate_ids(prompt, 30, params)
+        accepted += got.stats.accepted_tokens
+        if not sampled:
+            assert got.token_ids == plain.generate_ids(prompt, 30).token_ids
+    assert accepted > 0

@@ -17,7 +17,10 @@ may use the share of what is left of the budget equal to the chance that every s
 and where there is no match the budget goes to the others. A user does not have to know which drafter
 suits their traffic.
 
-Sources must be drafters that need no model of their own (default: ``suffix`` and ``recycle``).
+Sources must be drafters that need no model of their own (default: ``suffix`` and ``recycle``, and ``eagle``
+where a shipped head fits the loaded model: its tree is merged with the suffix drafter's under the one budget,
+as SAM-Decoding + EAGLE do). Merged trees carry no draft probabilities: under sampling every node is a point
+mass, which is lossless for any tokens the drafters chose before verification.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 
 from quickdraft.drafters import create_drafter, register
 from quickdraft.drafters.base import DraftContext, Drafter, DrafterSetup, StepOutcome
+from quickdraft.errors import QuickdraftError
 from quickdraft.tree import coverage
 from quickdraft.types import DraftTree
 
@@ -70,12 +74,32 @@ def merge_trees(trees: list[DraftTree], budget: int, shares: list[float] | None 
     return DraftTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
 
 
+def head_available(setup: DrafterSetup) -> bool:
+    """Whether a shipped EAGLE head fits the loaded target and its sessions return hidden states (then ``auto``
+    adds the ``eagle`` drafter to its default sources: SAM-Decoding + EAGLE)."""
+    from quickdraft.heads.config import shipped_head
+    from quickdraft.models.base import HIDDEN_STATES
+
+    probe = setup.target.new_session(1)
+    try:
+        if HIDDEN_STATES not in probe.capabilities:
+            return False
+    finally:
+        probe.close()
+    try:
+        shipped_head("eagle", setup.target, setup.tokenizer)
+    except QuickdraftError:
+        return False
+    return True
+
+
 @register("auto")
 class AutoDrafter(Drafter):
     """Options: ``sources`` (comma-separated drafter names, default ``suffix,recycle``), ``smoothing``
-    (moving-average weight of the newest step, default 0.1), ``datastore`` (forwarded to ``suffix``)."""
+    (moving-average weight of the newest step, default 0.1), ``datastore`` (forwarded to ``suffix``), ``head``
+    (forwarded to ``eagle`` or ``medusa`` among the sources)."""
 
-    option_names = frozenset({"sources", "smoothing", "datastore"})
+    option_names = frozenset({"sources", "smoothing", "datastore", "head"})
 
     def __init__(self, sources: list[Drafter], smoothing: float = 0.1) -> None:
         if not sources:
@@ -93,17 +117,25 @@ class AutoDrafter(Drafter):
     @classmethod
     def from_setup(cls, setup: DrafterSetup) -> AutoDrafter:
         options = dict(setup.options)
-        names = [n.strip() for n in str(options.pop("sources", "suffix,recycle")).split(",") if n.strip()]
-        datastore = options.pop("datastore", None)
+        default = "suffix,recycle" + (",eagle" if head_available(setup) else "")
+        names = [n.strip() for n in str(options.pop("sources", default)).split(",") if n.strip()]
+        datastore, head = options.pop("datastore", None), options.pop("head", None)
         sources = []
         for name in names:
             source_options = {"datastore": datastore} if name == "suffix" and datastore else {}
+            if name in ("eagle", "medusa") and head is not None:
+                source_options = {"head": head}
             sources.append(create_drafter(name, DrafterSetup(setup.target, setup.tokenizer, source_options)))
         return cls(sources, **options)
 
     def begin(self, ctx: DraftContext) -> None:
         for source in self.sources:
             source.begin(ctx)
+
+    def observe_prompt(self, ctx: DraftContext, hidden: dict[int, torch.Tensor]) -> None:
+        for source in self.sources:
+            if "hidden_states" in source.needs:
+                source.observe_prompt(ctx, hidden)
 
     def evidence(self, ctx: DraftContext) -> int:
         return max(source.evidence(ctx) for source in self.sources)

@@ -29,6 +29,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=256, help="prompts to answer (default 256)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length at most (default 256)")
     parser.add_argument("--gen-batch", type=int, default=16, help="prompts answered per batch (default 16)")
+    parser.add_argument("--collect-seconds", type=float, default=None,
+                        help="answer no new batch of prompts after this long (default: answer them all)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8, help="samples per optimizer step (default 8)")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -70,7 +72,7 @@ def train_main(args: argparse.Namespace) -> int:
             bar.update(task, completed=args.num_prompts)
             task = bar.add_task("answering", total=len(prompts))
             samples = collect(loaded, prompts, layers, args.max_new_tokens, args.gen_batch,
-                              lambda n: bar.advance(task, n))
+                              lambda n: bar.advance(task, n), args.collect_seconds)
             torch.save(samples, samples_path)
         tokens = sum(len(s.tokens) for s in samples)
         console.print(f"{len(samples)} samples, {tokens} tokens, data ready after "

@@ -17,6 +17,7 @@ Terms:
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,9 +171,11 @@ def _eos_ids(tokenizer: Any) -> set[int]:
 
 @torch.inference_mode()
 def collect(loaded: LoadedModel, prompts: list[list[int]], layers: list[int], max_new_tokens: int,
-            batch_size: int, progress: Any = None) -> list[Sample]:
+            batch_size: int, progress: Any = None, seconds: float | None = None) -> list[Sample]:
     """A :class:`Sample` per prompt: the greedy answers generated in batches (:func:`decode`), with the hidden
-    states of ``layers`` (-1: the final normed state) and the target's argmax after every token."""
+    states of ``layers`` (-1: the final normed state) and the target's argmax after every token. ``seconds``:
+    start no new batch after that long (the prompts left are not answered)."""
+    deadline = None if seconds is None else time.monotonic() + seconds
     target = loaded.target
     if not hasattr(target, "final_norm"):
         raise InvalidRequestError("training a head needs the native forward (the Llama family)")
@@ -181,6 +184,8 @@ def collect(loaded: LoadedModel, prompts: list[list[int]], layers: list[int], ma
     eos = _eos_ids(loaded.tokenizer)
     samples = []
     for first in range(0, len(prompts), batch_size):
+        if deadline is not None and time.monotonic() > deadline:
+            break
         for row in decode(loaded, prompts[first : first + batch_size], max_new_tokens, wanted, eos=eos):
             samples.append(_sample(target, row, layers, top))
         if progress is not None:
