@@ -226,7 +226,7 @@ def new_head(kind: str, target: TargetModel, tokenizer: Any, draft_vocab: list[i
     config = HeadConfig.for_target(kind, facts, default_feature_layers(kind, facts.num_layers), draft_vocab, **shape)
     head = build_head(config).bind(target)
     final_norm = getattr(target, "final_norm", None)
-    if kind == "eagle" and final_norm is not None:  # start at a tenth of the target's output scale: flat scores
+    if kind == "eagle" and final_norm is not None:  # the target's own output scale, as its final norm gives it
         with torch.no_grad():
-            head.norm.weight.copy_(0.1 * final_norm.weight.float())
+            head.norm.weight.copy_(final_norm.weight.float())
     return head
