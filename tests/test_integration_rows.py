@@ -155,6 +155,7 @@ def test_proposer_stops_at_the_model_length() -> None:
     (Ngram, {"max_ngram": "x"}, "invalid option value for the ngram drafter"),
     (Suffix, {"max_depth": 0}, "max_depth must be an integer >= 1"),
     (Auto, {"sources": "suffix,recycle"}, "inside vLLM auto can use ngram and suffix"),
+    (Auto, {"head": "eagle.safetensors"}, "its options inside vLLM are: datastore, smoothing, sources"),
 ])
 def test_bad_options_fail_at_start_up_naming_valid_choices(proposer: type, options: dict, message: str) -> None:
     with pytest.raises(ProposerConfigError, match=message.replace("(", r"\(")):

@@ -185,7 +185,7 @@ class VllmWorker:
         return str(spec.get("model") or spec.get("method") or "plain")
 
     def close(self) -> None:
-        """End the worker (it exits when its input closes)."""
+        """End the worker (it exits when its input closes); its log is removed when it ended cleanly."""
         if self.process.poll() is None:
             try:
                 if self.process.stdin:
@@ -194,6 +194,9 @@ class VllmWorker:
             except (OSError, subprocess.TimeoutExpired):
                 self.process.kill()
                 self.process.wait()
+        self.log.close()
+        if self.process.returncode == 0:
+            Path(self.log.name).unlink(missing_ok=True)
 
 
 class VllmRunner:

@@ -18,12 +18,16 @@ verifying that proposal (``Drafter.observe``), as quickdraft's engine does.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from quickdraft.drafters.base import DraftContext, Drafter, StepOutcome
 from quickdraft.types import DraftTree, SamplingParams, VerifyResult
 
 GREEDY = SamplingParams()
+#: A row's tokens: a list, or (from vLLM) a 1-D numpy view of its token-id array.
+Tokens = Sequence[int] | np.ndarray
 #: A drafter is asked for a tree of this many times the chain length: drafters that keep part of their budget
 #: for side branches (``suffix``) then still fill the first chain.
 TREE_FACTOR = 4
@@ -31,18 +35,31 @@ TREE_FACTOR = 4
 
 @dataclass
 class RowState:
-    """One request's drafter as seen through a row: ``tokens`` are the request's tokens at the last step;
-    ``chain`` is the draft proposed then (None before the first proposal)."""
+    """One request's drafter as seen through a row: ``tokens`` are the request's tokens at the last step
+    (``array`` holds the same, for comparing in one vectorised step); ``chain`` is the draft proposed then
+    (None before the first proposal)."""
 
     drafter: Drafter
     tokens: list[int]
     prompt_len: int
     chain: DraftTree | None = None
+    array: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
-    def extended_by(self, tokens: Sequence[int]) -> bool:
+    def __post_init__(self) -> None:
+        self.array = np.asarray(self.tokens, dtype=np.int64)
+
+    def extended_by(self, tokens: Tokens) -> bool:
         """Whether ``tokens`` continue this state's request (its tokens are their prefix)."""
         n = len(self.tokens)
-        return len(tokens) >= n and list(tokens[:n]) == self.tokens
+        return len(tokens) >= n and bool(np.array_equal(np.asarray(tokens[:n]), self.array))
+
+    def extend(self, tokens: Tokens) -> list[int]:
+        """Append the tokens of ``tokens`` past this state's (already checked to extend it); returns them."""
+        new = np.asarray(tokens[len(self.tokens):], dtype=np.int64)
+        self.array = np.concatenate([self.array, new])
+        committed = new.tolist()
+        self.tokens.extend(committed)
+        return committed
 
 
 def accepted_prefix(chain: DraftTree, committed: list[int]) -> int:
@@ -67,7 +84,7 @@ class RowDrafters:
         self.max_tokens = max_tokens
         self.states: dict[int, RowState] = {}
 
-    def propose(self, rows: Sequence[Sequence[int] | None], limits: Sequence[int] | None = None) -> list[list[int]]:
+    def propose(self, rows: Sequence[Tokens | None], limits: Sequence[int] | None = None) -> list[list[int]]:
         """Chains for a step: ``rows[i]`` is row ``i``'s tokens, or None where the row drafts nothing this step
         (its state is kept as it is); ``limits[i]`` (optional) caps row ``i``'s chain further. Rows past
         ``len(rows)`` are empty: their states are released. Returns one list of token ids per row."""
@@ -87,7 +104,7 @@ class RowDrafters:
             state.drafter.end()
         self.states = {}
 
-    def _assign(self, rows: Sequence[Sequence[int] | None]) -> None:
+    def _assign(self, rows: Sequence[Tokens | None]) -> None:
         """Give each row with tokens the state of its request: its own, one moved from another row, or new;
         release the states left over."""
         kept: dict[int, RowState] = {}
@@ -106,7 +123,7 @@ class RowDrafters:
             state.drafter.end()
         self.states = kept
 
-    def _claim(self, loose: list[RowState], tokens: Sequence[int]) -> RowState:
+    def _claim(self, loose: list[RowState], tokens: Tokens) -> RowState:
         """The loose state (longest history first) that ``tokens`` extend, taken out of ``loose``; else a new
         state whose drafter begins on ``tokens``."""
         for state in sorted(loose, key=lambda s: -len(s.tokens)):
@@ -114,14 +131,13 @@ class RowDrafters:
                 loose.remove(state)
                 return state
         drafter = self.make_drafter()
-        ctx = DraftContext(list(tokens), len(tokens), GREEDY)
-        drafter.begin(ctx)
-        return RowState(drafter, list(tokens), len(tokens))
+        state = RowState(drafter, np.asarray(tokens, dtype=np.int64).tolist(), len(tokens))
+        drafter.begin(DraftContext(state.tokens, state.prompt_len, GREEDY))
+        return state
 
-    def _draft(self, state: RowState, tokens: Sequence[int], limit: int) -> list[int]:
+    def _draft(self, state: RowState, tokens: Tokens, limit: int) -> list[int]:
         """Show the state's drafter the tokens committed since its last chain, then ask for the next chain."""
-        committed = [int(t) for t in tokens[len(state.tokens):]]
-        state.tokens.extend(committed)
+        committed = state.extend(tokens)
         ctx = DraftContext(state.tokens, state.prompt_len, GREEDY)
         if state.chain is not None and committed:
             accepted = accepted_prefix(state.chain, committed)

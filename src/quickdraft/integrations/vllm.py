@@ -40,8 +40,9 @@ from quickdraft.integrations.rows import RowDrafters
 OPTIONS_ENV = "QUICKDRAFT_VLLM_OPTIONS"
 #: Drafters that need only the token ids, so they work inside vLLM (by class name in this module).
 PROPOSERS = {"ngram": "Ngram", "suffix": "Suffix", "auto": "Auto"}
-#: ``auto``'s sources inside vLLM when none are given.
+#: ``auto``'s sources inside vLLM when none are given, and those it may have.
 AUTO_SOURCES = "suffix"
+TOKEN_ONLY = ("ngram", "suffix")
 
 
 class ProposerConfigError(QuickdraftError):
@@ -72,17 +73,34 @@ def drafter_factory(name: str, options: dict[str, Any]) -> Callable[[], Drafter]
         check_sources(str(options["sources"]))
     try:
         check_drafter_options(name, options)
-        setup = DrafterSetup(target=None, tokenizer=None, options=options)  # type: ignore[arg-type]
-        create_drafter(name, setup).end()
+        build_drafter(name, options).end()
     except InvalidRequestError as error:
         raise ProposerConfigError(f"quickdraft {name} proposer: {error} (set in {OPTIONS_ENV})") from None
-    return lambda: create_drafter(name, DrafterSetup(target=None, tokenizer=None, options=options))  # type: ignore[arg-type]
+    return lambda: build_drafter(name, options)
+
+
+def build_drafter(name: str, options: dict[str, Any]) -> Drafter:
+    """Drafter ``name`` without a target model (token-only drafters need none). ``auto`` is assembled from
+    its sources here: its own set-up would probe the target for a shipped head."""
+    if name != "auto":
+        return create_drafter(name, DrafterSetup(target=None, tokenizer=None, options=options))  # type: ignore[arg-type]
+    from quickdraft.drafters.auto import AutoDrafter
+
+    rest = dict(options)
+    names = [n.strip() for n in str(rest.pop("sources")).split(",") if n.strip()]
+    datastore = rest.pop("datastore", None)
+    sources = [build_drafter(n, {"datastore": datastore} if n == "suffix" and datastore else {}) for n in names]
+    try:
+        return AutoDrafter(sources, **rest)
+    except (TypeError, ValueError) as error:
+        raise InvalidRequestError(f"invalid option for the auto drafter ({error}); its options inside vLLM are: "
+                                  f"datastore, smoothing, sources") from None
 
 
 def check_sources(sources: str) -> None:
     """Refuse ``auto`` sources that need more than token ids."""
     names = [n.strip() for n in sources.split(",") if n.strip()]
-    bad = [n for n in names if n not in ("ngram", "suffix")]
+    bad = [n for n in names if n not in TOKEN_ONLY]
     if bad or not names:
         raise ProposerConfigError(
             f"quickdraft auto proposer: sources {sources!r} are not all token-only; inside vLLM auto can use "
@@ -121,11 +139,11 @@ class QuickdraftProposer:
         """One chain per batch row. ``sampled_token_ids[i]``: the tokens row ``i`` committed this step (empty:
         no draft, e.g. a prompt still being prefilled in chunks); ``num_tokens_no_spec[i]``: row ``i``'s
         token count; ``token_ids_cpu``: [max rows, max model length] token ids, row ``i`` valid up to that."""
-        rows: list[np.ndarray | None] = []
+        rows: list[np.ndarray | None] = []  # row i: a view of token_ids_cpu[i, :n], not a copy
         limits: list[int] = []
         for i, sampled in enumerate(sampled_token_ids):
             n = int(num_tokens_no_spec[i])
-            rows.append(token_ids_cpu[i, :n].tolist() if len(sampled) and n < self.max_model_len else None)
+            rows.append(token_ids_cpu[i, :n] if len(sampled) and n < self.max_model_len else None)
             limits.append(self.max_model_len - n)
         return self.rows.propose(rows, limits)
 
