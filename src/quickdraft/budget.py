@@ -48,7 +48,11 @@ from quickdraft.devices import synchronize
 from quickdraft.models.base import TargetModel
 from quickdraft.types import DraftTree
 
-DEFAULT_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+#: Budgets whose verification rows (budget + 1: the root and the nodes) are the rows the cost curve measures
+#: (2, 4, 8, 16, 32, 65) or lie halfway between them. CPU kernels work in row blocks (PyTorch's int4 kernel 4
+#: rows at a time, AMX tiles 16): a forward over 5 rows costs what one over 8 does, not the 1.5x a line between
+#: the measured 4 and 8 would suggest, so a budget of 4 is a poor buy and 3 a good one.
+DEFAULT_LADDER = (1, 3, 7, 11, 15, 23, 31, 47, 64)
 #: The weight of a budget's guess in its estimate, in observations (see :meth:`BudgetPolicy.expected_accepted`).
 PRIOR_WEIGHT = 1.0
 #: Per-node acceptance rate assumed before any observation: optimistic, so the first step at an evidence level
