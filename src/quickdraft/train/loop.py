@@ -3,7 +3,8 @@
 Terms:
 
 - **label** of an EAGLE pair ``i`` (:mod:`quickdraft.heads.eagle`): the target's argmax after token ``i + 1``,
-  i.e. its choice of ``t_{i+2}``; of Medusa head ``k`` at token ``i``: the target's argmax after token ``i + k``.
+  i.e. its choice of ``t_{i+2}``; of Medusa head ``k`` at token ``i`` (whose argmax is the root ``t_{i+1}``):
+  the target's argmax after token ``i + k``.
   Labels outside the draft vocabulary are ignored.
 - **loss**: cross-entropy over the draft vocabulary; for EAGLE the sum over the training-time-test steps, step
   ``s`` weighted ``0.8 ** (s - 1)``; for Medusa the sum over heads, head ``k`` weighted ``0.8 ** (k - 1)``.
@@ -118,11 +119,12 @@ def eagle_loss(scores: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor
 
 
 def medusa_outputs(head: MedusaHead, batch: list[Sample], vocab_index: torch.Tensor) -> tuple[torch.Tensor, list]:
-    """Scores ``[B, T, K, Vd]`` and per head ``k`` its labels ``[B, T]`` (the argmax ``k - 1`` tokens later)."""
+    """Scores ``[B, T, K, Vd]`` and per head ``k = 1 .. K`` its labels ``[B, T]``: at token ``i``, the argmax
+    after token ``i + k`` (the token ``k`` places after the root ``t_{i+1}``)."""
     features, _, labels = padded(batch, vocab_index)
     scores = head(features)
     per_head = []
-    for k in range(head.num_heads):
+    for k in range(1, head.num_heads + 1):
         shifted = torch.full_like(labels, -100)
         shifted[:, : labels.shape[1] - k] = labels[:, k:]
         per_head.append(shifted)
@@ -245,7 +247,7 @@ def finish(head: Any, heldout: list[Sample], vocab_index: torch.Tensor, options:
     config = head.config
     if isinstance(head, MedusaHead):
         config.accuracy = medusa_accuracy(head, heldout, vocab_index)
-    config.trained = {"epochs": len(history.loss), "loss": history.loss, "heldout_tau": history.tau,
+    config.trained = {**config.trained, "epochs": len(history.loss), "loss": history.loss, "heldout_tau": history.tau,
                       "seconds": round(history.seconds, 1), "options": asdict(options)}
     save_head(output, config, head)
 
