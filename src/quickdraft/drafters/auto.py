@@ -18,9 +18,10 @@ and where there is no match the budget goes to the others. A user does not have 
 suits their traffic.
 
 Sources must be drafters that need no model of their own (default: ``suffix`` and ``recycle``, and ``eagle``
-where a shipped head fits the loaded model: its tree is merged with the suffix drafter's under the one budget,
-as SAM-Decoding + EAGLE do). Merged trees carry no draft probabilities: under sampling every node is a point
-mass, which is lossless for any tokens the drafters chose before verification.
+where a shipped head fits the loaded model and reached :data:`MIN_HEAD_TAU` in training: its tree is merged
+with the suffix drafter's under the one budget, as SAM-Decoding + EAGLE do). Merged trees carry no draft
+probabilities: under sampling every node is a point mass, which is lossless for any tokens the drafters chose
+before verification.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from quickdraft.types import DraftTree
 
 #: A source's value before any step has been observed (optimistic: worth trying first).
 INITIAL_VALUE = 1.0
+#: The held-out chain tau a shipped head must have reached in training for ``auto`` to draft with it by default
+#: (a weaker head costs drafting time each step and rarely covers what the target commits).
+MIN_HEAD_TAU = 1.5
 #: A source's miss rate before any step has been observed (the sources after it may fill the budget).
 INITIAL_MISS_RATE = 1.0
 
@@ -75,9 +79,10 @@ def merge_trees(trees: list[DraftTree], budget: int, shares: list[float] | None 
 
 
 def head_available(setup: DrafterSetup) -> bool:
-    """Whether a shipped EAGLE head fits the loaded target and its sessions return hidden states (then ``auto``
-    adds the ``eagle`` drafter to its default sources: SAM-Decoding + EAGLE)."""
-    from quickdraft.heads.config import shipped_head
+    """Whether a shipped EAGLE head fits the loaded target, its sessions return hidden states, and the head's
+    held-out chain tau reached :data:`MIN_HEAD_TAU` (then ``auto`` adds the ``eagle`` drafter to its default
+    sources: SAM-Decoding + EAGLE)."""
+    from quickdraft.heads.config import read_config, shipped_head
     from quickdraft.models.base import HIDDEN_STATES
 
     probe = setup.target.new_session(1)
@@ -87,10 +92,11 @@ def head_available(setup: DrafterSetup) -> bool:
     finally:
         probe.close()
     try:
-        shipped_head("eagle", setup.target, setup.tokenizer)
+        folder = shipped_head("eagle", setup.target, setup.tokenizer)
     except QuickdraftError:
         return False
-    return True
+    measured = read_config(folder).trained.get("heldout_tau") or [0.0]
+    return measured[-1] >= MIN_HEAD_TAU
 
 
 @register("auto")
