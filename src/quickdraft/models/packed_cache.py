@@ -20,13 +20,18 @@ import torch
 
 from quickdraft import cache
 from quickdraft.models.layouts import StackedLinear
-from quickdraft.models.quantized import ConcatenatedLinear, Int4Linear, Int8Linear
+from quickdraft.models.quantized import ConcatenatedLinear, Int4Linear, Int8Linear, restored_linear
 
 log = logging.getLogger(__name__)
 
 KIND = "packed-weights"
 LAYOUT_FILE = "layout.json"
 TENSORS_FILE = "weights.safetensors"
+#: The kinds of quantized linear a cache entry holds, and the kernel tensors of each.
+KINDS: dict[str, tuple[type[StackedLinear], tuple[str, ...]]] = {
+    "int4": (Int4Linear, ("packed", "scales_and_zeros")),
+    "int8": (Int8Linear, ("codes", "scales")),
+}
 
 
 class PackedWeights:
@@ -102,12 +107,10 @@ def _flattened(linear: StackedLinear, prefix: str, tensors: dict[str, torch.Tens
     entry: dict[str, Any] = {"sizes": linear.sizes, "bias": linear.bias is not None}
     if linear.bias is not None:
         tensors[f"{prefix}.bias"] = linear.bias
-    if isinstance(linear, Int4Linear):
-        tensors[f"{prefix}.packed"], tensors[f"{prefix}.scales_and_zeros"] = linear.packed, linear.scales_and_zeros
-        return {**entry, "kind": "int4"}
-    if isinstance(linear, Int8Linear):
-        tensors[f"{prefix}.codes"], tensors[f"{prefix}.scales"] = linear.codes, linear.scales
-        return {**entry, "kind": "int8"}
+    for kind, (cls, names) in KINDS.items():
+        if isinstance(linear, cls):
+            tensors.update({f"{prefix}.{name}": getattr(linear, name) for name in names})
+            return {**entry, "kind": kind}
     if isinstance(linear, ConcatenatedLinear):
         parts = [_flattened(part, f"{prefix}.{i}", tensors) for i, part in enumerate(linear.parts)]
         return {**entry, "kind": "concatenated", "parts": parts}
@@ -117,11 +120,9 @@ def _flattened(linear: StackedLinear, prefix: str, tensors: dict[str, torch.Tens
 def _rebuilt(entry: dict[str, Any], prefix: str, tensors: dict[str, torch.Tensor]) -> StackedLinear:
     """The inverse of :func:`_flattened`."""
     bias = tensors[f"{prefix}.bias"] if entry["bias"] else None
-    if entry["kind"] == "int4":
-        return Int4Linear.from_packed(tensors[f"{prefix}.packed"], tensors[f"{prefix}.scales_and_zeros"],
-                                      entry["sizes"], bias)
-    if entry["kind"] == "int8":
-        return Int8Linear.from_codes(tensors[f"{prefix}.codes"], tensors[f"{prefix}.scales"], entry["sizes"], bias)
+    if entry["kind"] in KINDS:
+        cls, names = KINDS[entry["kind"]]
+        return restored_linear(cls, entry["sizes"], bias, **{name: tensors[f"{prefix}.{name}"] for name in names})
     if entry["kind"] == "concatenated":
         return ConcatenatedLinear([_rebuilt(part, f"{prefix}.{i}", tensors) for i, part in enumerate(entry["parts"])])
     raise ValueError(f"unknown packed kind {entry['kind']!r}")

@@ -183,15 +183,6 @@ class Int8Linear(StackedLinear):
         super().__init__(sizes, bias)
         self.codes, self.scales = int8_per_channel(weight, dtype)
 
-    @classmethod
-    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, sizes: Sequence[int],
-                   bias: torch.Tensor | None) -> Int8Linear:
-        """The linear of already quantized ``codes [out, in]`` int8 and ``scales [out]`` (a cache's)."""
-        linear = cls.__new__(cls)
-        StackedLinear.__init__(linear, sizes, bias)
-        linear.codes, linear.scales = codes, scales
-        return linear
-
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         out = torch._weight_int8pack_mm(_flat(x), self.codes, self.scales)
         return _shaped(out, x, self.bias)
@@ -211,15 +202,6 @@ class Int4Linear(StackedLinear):
         self.scales_and_zeros = torch.stack([groups.scales, groups.zeros], dim=-1).transpose(0, 1).contiguous() \
             .to(dtype)
 
-    @classmethod
-    def from_packed(cls, packed: torch.Tensor, scales_and_zeros: torch.Tensor, sizes: Sequence[int],
-                    bias: torch.Tensor | None) -> Int4Linear:
-        """The linear of weights already packed for the kernel (a cache's)."""
-        linear = cls.__new__(cls)
-        StackedLinear.__init__(linear, sizes, bias)
-        linear.packed, linear.scales_and_zeros = packed, scales_and_zeros
-        return linear
-
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         out = torch._weight_int4pack_mm_for_cpu(_flat(x), self.packed, GROUP, self.scales_and_zeros)
         return _shaped(out, x, self.bias)
@@ -230,6 +212,16 @@ class Int4Linear(StackedLinear):
         columns = self.scales_and_zeros.shape[0] * GROUP
         eye = torch.eye(columns, dtype=self.scales_and_zeros.dtype)
         return torch._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP, self.scales_and_zeros).T
+
+
+def restored_linear(cls: type[StackedLinear], sizes: Sequence[int], bias: torch.Tensor | None,
+                    **tensors: torch.Tensor) -> StackedLinear:
+    """A ``cls`` (:class:`Int8Linear`: ``codes``, ``scales``; :class:`Int4Linear`: ``packed``,
+    ``scales_and_zeros``) holding ready kernel ``tensors`` (a cache's) instead of building them."""
+    linear = cls.__new__(cls)
+    StackedLinear.__init__(linear, sizes, bias)
+    vars(linear).update(tensors)
+    return linear
 
 
 class ConcatenatedLinear(StackedLinear):
