@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from quickdraft.bench.runners import MethodOutput, cut_at_eos
+from quickdraft.bench.outputs import MethodOutput, cut_at_eos
 from quickdraft.errors import InvalidRequestError, QuickdraftError
 from quickdraft.types import SamplingParams
 

@@ -38,7 +38,8 @@ import torch
 from quickdraft.drafters import register
 from quickdraft.drafters.base import DraftContext, Drafter, DrafterSetup, StepOutcome
 from quickdraft.errors import InvalidRequestError
-from quickdraft.heads.config import load_head, shipped_head
+from quickdraft.heads.build import load_head
+from quickdraft.heads.config import shipped_head
 from quickdraft.heads.eagle import EagleHead
 from quickdraft.models.base import HIDDEN_STATES, TargetModel
 from quickdraft.sampling import probabilities

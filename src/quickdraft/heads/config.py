@@ -154,27 +154,6 @@ def check_fits(config: HeadConfig, facts: TargetFacts, directory: str | Path) ->
                                 + ". Train one for this model with `quickdraft train`.")
 
 
-def load_head(directory: str | Path, target: TargetModel, tokenizer: Any, kind: str | None = None) -> Any:
-    """The head in ``directory``, built and bound to ``target`` (:class:`~quickdraft.heads.eagle.EagleHead` or
-    :class:`~quickdraft.heads.medusa.MedusaHead`). Raises :class:`HeadMismatchError` naming what differs where
-    the head was trained for another model, and :class:`InvalidRequestError` for another ``kind``."""
-    config = read_config(directory)
-    if kind is not None and config.kind != kind:
-        raise InvalidRequestError(f"{directory} holds a {config.kind} head, not a {kind} head")
-    check_fits(config, TargetFacts.of(target, tokenizer), directory)
-    module = build_head(config)
-    module.load_state_dict(read_weights(directory))
-    return module.bind(target).eval()
-
-
-def build_head(config: HeadConfig) -> Any:
-    """An untrained (randomly initialised) head of ``config``'s kind and shape."""
-    from quickdraft.heads.eagle import EagleHead
-    from quickdraft.heads.medusa import MedusaHead
-
-    return EagleHead(config) if config.kind == "eagle" else MedusaHead(config)
-
-
 def shipped_head(kind: str, target: TargetModel, tokenizer: Any) -> Path:
     """The folder of the shipped ``kind`` head that fits ``target``; a clear error naming the shipped heads
     and how each differs where none does."""
@@ -218,15 +197,3 @@ def default_feature_layers(kind: str, num_layers: int) -> list[int]:
     if kind == "medusa":
         return [-1]
     return sorted({num_layers // 10, num_layers // 2, num_layers - 1})
-
-
-def new_head(kind: str, target: TargetModel, tokenizer: Any, draft_vocab: list[int], **shape: Any) -> Any:
-    """An untrained head of ``kind`` for ``target`` over ``draft_vocab``, bound to the target."""
-    facts = TargetFacts.of(target, tokenizer)
-    config = HeadConfig.for_target(kind, facts, default_feature_layers(kind, facts.num_layers), draft_vocab, **shape)
-    head = build_head(config).bind(target)
-    final_norm = getattr(target, "final_norm", None)
-    if kind == "eagle" and final_norm is not None:  # the target's own output scale, as its final norm gives it
-        with torch.no_grad():
-            head.norm.weight.copy_(final_norm.weight.float())
-    return head

@@ -24,6 +24,7 @@ from quickdraft.errors import ModelLoadError
 from quickdraft.models.base import TargetModel
 from quickdraft.models.hf import HFCausalLM
 from quickdraft.models.native import SUPPORTED_MODEL_TYPES, NativeCausalLM
+from quickdraft.models.packed_cache import PackedWeights
 from quickdraft.models.quantized import DEFAULT_WEIGHTS, QUANTIZED_MODES, check_weights, holder_for, loading_dtype
 
 DEFAULT_MODEL_NAMES = (None, "", "default", "smollm2", "SmolLM2-135M-Instruct")
@@ -151,7 +152,8 @@ def load_model(
         raise ModelLoadError(f"weights {weights!r} need the native forward, which {model_type!r} does not have")
     if not use_native:
         log.info("architecture %s runs through the transformers fallback (chain verification)", model_type)
-    holder = holder_for(weights, path, hf_model, dtype, torch_dtype) if use_native else None
+    store = functools.partial(PackedWeights.for_model, path, hf_model)
+    holder = holder_for(weights, path, hf_model, dtype, torch_dtype, store) if use_native else None
     target = NativeCausalLM(hf_model, holder) if holder else HFCausalLM(hf_model)
     key = model_key(path, torch_dtype, holder.mode if holder else "dense")
     return LoadedModel(str(path), tokenizer, hf_model, target, cache_key=key)

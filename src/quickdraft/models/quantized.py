@@ -34,7 +34,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -49,9 +49,6 @@ from quickdraft.models.layouts import (
     fused_bias,
 )
 
-if TYPE_CHECKING:
-    from quickdraft.models.packed_cache import PackedWeights
-
 WEIGHT_MODES = ("dense", "int8", "int4", "auto")
 DEFAULT_WEIGHTS = "auto"
 QUANTIZED_MODES = ("int8", "int4")
@@ -60,6 +57,21 @@ AUTO_ROWS = (1, 4)
 AUTO_ROUNDS = 12
 
 log = logging.getLogger(__name__)
+
+
+class LinearStore(Protocol):
+    """Where quantized linears built on an earlier load are found, and those built now go
+    (:class:`quickdraft.models.packed_cache.PackedWeights`)."""
+
+    def lookup(self, layers: Sequence[torch.nn.Module]) -> StackedLinear | None: ...
+
+    def record(self, layers: Sequence[torch.nn.Module], linear: StackedLinear) -> None: ...
+
+    def save(self) -> None: ...
+
+
+#: Makes the :class:`LinearStore` of a weights mode and activation dtype, or None for none.
+StoreFactory = Callable[[str, torch.dtype], LinearStore | None]
 #: A GGUF file's int4 groups by the transformers model's linear layer they belong to.
 Groups = dict[torch.nn.Module, Int4Groups]
 
@@ -79,7 +91,7 @@ def loading_dtype(mode: str, dense_dtype: torch.dtype) -> torch.dtype:
 
 
 def holder_for(mode: str, path: Path, hf_model: torch.nn.Module, dtype_name: str,
-               dense_dtype: torch.dtype) -> WeightHolder:
+               dense_dtype: torch.dtype, store: StoreFactory = lambda mode, dtype: None) -> WeightHolder:
     """The :class:`WeightHolder` for weights ``mode`` of ``hf_model`` loaded from ``path`` (in
     :func:`loading_dtype`); its ``mode`` says which it is (``auto`` resolved). ``dtype_name`` is the dtype the
     user asked for: ``auto`` gives bfloat16 activations to quantized modes and ``dense_dtype`` to dense;
@@ -99,10 +111,7 @@ def holder_for(mode: str, path: Path, hf_model: torch.nn.Module, dtype_name: str
     if mode == "dense":
         _cast_parameters(hf_model, dense_dtype)
         return DenseWeights()
-    from quickdraft.models.packed_cache import PackedWeights
-
-    packed = PackedWeights.for_model(path, hf_model, mode, quantized_dtype)
-    return QuantizedWeights(quantized_dtype, groups if mode == "int4" else {}, packed)
+    return QuantizedWeights(quantized_dtype, groups if mode == "int4" else {}, store(mode, quantized_dtype))
 
 
 class QuantizedWeights:
@@ -111,7 +120,7 @@ class QuantizedWeights:
     the embedding, with ``dtype`` activations."""
 
     def __init__(self, dtype: torch.dtype, groups: Groups | Callable[[], Groups] | None = None,
-                 packed: PackedWeights | None = None) -> None:
+                 packed: LinearStore | None = None) -> None:
         """``groups``: the int4 groups by layer, or a function that reads them (called only where a layer is
         not in ``packed``); ``packed``: kernel-ready weights of an earlier load, and where new ones go."""
         self.dtype = dtype

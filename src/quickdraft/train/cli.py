@@ -14,7 +14,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from quickdraft.cli_args import add_loading_arguments, add_model_path_argument, console
-from quickdraft.heads.config import new_head
+from quickdraft.heads.build import new_head
 
 SAMPLES_FILE = "samples.pt"
 
