@@ -106,14 +106,32 @@ def store(kind: str, key: Key, write: Callable[[Path], None], label: str = "") -
 def cached(kind: str, key: Key, write: Callable[[Path], None], read: Callable[[Path], T], label: str = "") -> T:
     """``read`` of the entry for ``key``, built first with ``write`` where it is missing. An entry that
     ``read`` fails on is removed and built once more; a failure then is raised."""
+    found = read_entry(kind, key, read)
+    return found if found is not None else read(store(kind, key, write, label))
+
+
+def read_entry(kind: str, key: Key, read: Callable[[Path], T]) -> T | None:
+    """``read`` of the entry for ``key``, or None where there is none or ``read`` fails on it (the entry is
+    then removed, to be built again)."""
     path = lookup(kind, key)
-    if path is not None:
-        try:
-            return read(path)
-        except Exception as error:  # any failure to read an entry means: rebuild it
-            log.warning("cache entry %s could not be read (%s); building it again", path, error)
-            discard(path)
-    return read(store(kind, key, write, label))
+    if path is None:
+        return None
+    try:
+        return read(path)
+    except Exception as error:  # any failure to read an entry means: rebuild it
+        log.warning("cache entry %s could not be read (%s); building it again", path, error)
+        discard(path)
+        return None
+
+
+def source_key(path: Path) -> dict[str, str]:
+    """Key parts of what is derived from the model file or folder at ``path``: its :func:`fingerprint` and the
+    versions of quickdraft and transformers, which convert and read it."""
+    from importlib.metadata import version
+
+    import transformers
+
+    return {**fingerprint(path), "quickdraft": version("quickdraft"), "transformers": transformers.__version__}
 
 
 def discard(path: Path) -> None:

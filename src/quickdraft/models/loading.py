@@ -187,16 +187,7 @@ def model_key(path: Path, dtype: torch.dtype, weights: str = "dense") -> dict[st
 def conversion_key(path: Path, dtype: torch.dtype) -> dict[str, str]:
     """What a GGUF file converted to a transformers model in ``dtype`` depends on: the cache key of that
     conversion, shared by every weights mode that loads in ``dtype`` (quantized modes load in float32)."""
-    return {**_source_key(path), "dtype": dtype_name(dtype)}
-
-
-def _source_key(path: Path) -> dict[str, str]:
-    """The file's :func:`~quickdraft.cache.fingerprint` and the versions of what converts it."""
-    from importlib.metadata import version
-
-    import transformers
-
-    return {**cache.fingerprint(path), "quickdraft": version("quickdraft"), "transformers": transformers.__version__}
+    return {**cache.source_key(path), "dtype": dtype_name(dtype)}
 
 
 def _label(key: dict[str, str]) -> str:
@@ -260,7 +251,7 @@ class _GgufConversion:
             self.progress.stop()
 
     def tokenizer(self) -> Any:
-        return cache.cached("tokenizer", _source_key(self.path), self._write_tokenizer, _read_tokenizer,
+        return cache.cached("tokenizer", cache.source_key(self.path), self._write_tokenizer, _read_tokenizer,
                             label=self.path.name)
 
     def model(self, dtype: torch.dtype) -> torch.nn.Module:

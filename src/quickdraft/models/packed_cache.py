@@ -11,7 +11,6 @@ quantizing the other linears to int8. :class:`PackedWeights` records what
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,6 @@ import torch
 from quickdraft import cache
 from quickdraft.models.layouts import StackedLinear
 from quickdraft.models.quantized import ConcatenatedLinear, Int4Linear, Int8Linear, restored_linear
-
-log = logging.getLogger(__name__)
 
 KIND = "packed-weights"
 LAYOUT_FILE = "layout.json"
@@ -49,21 +46,12 @@ class PackedWeights:
     @classmethod
     def for_model(cls, path: Path, hf_model: torch.nn.Module, mode: str, dtype: torch.dtype) -> PackedWeights:
         """The packed weights of the model at ``path`` in weights ``mode`` with ``dtype`` activations, read from
-        the cache where an earlier load saved them (an entry that cannot be read is dropped and rebuilt)."""
-        from importlib.metadata import version
-
+        the cache where an earlier load saved them (an entry that cannot be read is dropped and rebuilt:
+        :func:`quickdraft.cache.read_entry`)."""
         names = {module: name for name, module in hf_model.named_modules()}
-        key = {**cache.fingerprint(path), **cache.machine_key("cpu"), "weights": mode, "dtype": str(dtype),
-               "quickdraft": version("quickdraft")}
-        folder = cache.lookup(KIND, key)
-        if folder is None:
-            return cls(names, key)
-        try:
-            return cls(names, None, read(folder))
-        except Exception as error:  # any failure to read an entry means: rebuild it
-            log.warning("cache entry %s could not be read (%s); building it again", folder, error)
-            cache.discard(folder)
-            return cls(names, key)
+        key = {**cache.source_key(path), **cache.machine_key("cpu"), "weights": mode, "dtype": str(dtype)}
+        saved = cache.read_entry(KIND, key, read)
+        return cls(names, key) if saved is None else cls(names, None, saved)
 
     def lookup(self, layers: Sequence[torch.nn.Module]) -> StackedLinear | None:
         return self.saved.get(self._name(layers))

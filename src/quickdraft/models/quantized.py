@@ -272,14 +272,11 @@ def int8_per_channel(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Te
 def gguf_int4_groups(path: Path, hf_model: torch.nn.Module) -> dict[torch.nn.Module, Int4Groups]:
     """:func:`read_gguf_int4_groups`, through the cache (kind ``int4-groups``, keyed by the file's
     fingerprint and the versions of quickdraft and transformers): parsing a GGUF file is slow."""
-    from importlib.metadata import version
-
-    import transformers
     from safetensors.torch import load_file, save_file
 
     from quickdraft import cache
 
-    key = {**cache.fingerprint(path), "quickdraft": version("quickdraft"), "transformers": transformers.__version__}
+    key = cache.source_key(path)
     modules = dict(hf_model.named_modules())
     names = {module: name for name, module in modules.items()}
 
@@ -373,7 +370,7 @@ def cached_fastest_mode(path: Path, hf_model: torch.nn.Module, groups: Callable[
 
     from quickdraft import cache
 
-    key = {**cache.fingerprint(path), **cache.machine_key("cpu"), "quantized_dtype": str(quantized_dtype),
+    key = {**cache.source_key(path), **cache.machine_key("cpu"), "quantized_dtype": str(quantized_dtype),
            "dense_dtype": str(dense_dtype)}
 
     def write(folder: Path) -> None:
