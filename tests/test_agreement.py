@@ -53,7 +53,7 @@ def test_modes_are_judged_against_the_reference_answers():
 
 def test_the_command_refuses_an_unknown_weights_mode(capsys):
     assert main(["agreement", "--weights", "int3", "--model", "/no/such/model"]) == 2
-    err = capsys.readouterr().out
+    err = capsys.readouterr().err
     assert "--weights takes" in err and "Traceback" not in err
 
 

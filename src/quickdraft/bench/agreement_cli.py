@@ -9,7 +9,7 @@ from typing import Any
 
 from quickdraft.bench.dataset import load_questions
 from quickdraft.cli_args import add_model_path_argument
-from quickdraft.errors import InvalidRequestError, QuickdraftError
+from quickdraft.errors import InvalidRequestError
 from quickdraft.models.quantized import WEIGHT_MODES
 
 AGREEMENT_HELP = "compare quantized weights' greedy answers with dense float32's (identical answers, top-1 agreement)"
@@ -29,7 +29,7 @@ def add_agreement_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def agreement_main(args: argparse.Namespace) -> int:
-    """Run ``quickdraft agreement``; returns the exit code."""
+    """Run ``quickdraft agreement``; returns the exit code (errors are reported by :func:`quickdraft.cli.main`)."""
     from rich.console import Console
 
     from quickdraft.bench.agreement import measure_agreement
@@ -37,20 +37,16 @@ def agreement_main(args: argparse.Namespace) -> int:
     from quickdraft.engine import Engine, check_max_new_tokens
 
     console = Console()
-    try:
-        check_max_new_tokens(args.max_new_tokens, "--max-new-tokens")
-        modes = [(weights, args.dtype) for weights in _weights_list(args.weights)]
-        questions = load_questions(args.dataset, args.per_category)
+    check_max_new_tokens(args.max_new_tokens, "--max-new-tokens")
+    modes = [(weights, args.dtype) for weights in _weights_list(args.weights)]
+    questions = load_questions(args.dataset, args.per_category)
 
-        def load(weights: str, dtype: str) -> Any:
-            return Engine.from_pretrained(args.model, None, dtype=dtype, weights=weights)
+    def load(weights: str, dtype: str) -> Any:
+        return Engine.from_pretrained(args.model, None, dtype=dtype, weights=weights)
 
-        steps = len(questions) * (1 + 2 * len(modes))
-        with progress_bar(console, "answering", steps) as step:
-            results = measure_agreement(load, modes, questions, args.max_new_tokens, on_answer=step)
-    except QuickdraftError as error:
-        console.print(f"[bold red]error:[/bold red] {error}")
-        return 2
+    steps = len(questions) * (1 + 2 * len(modes))
+    with progress_bar(console, "answering", steps) as step:
+        results = measure_agreement(load, modes, questions, args.max_new_tokens, on_answer=step)
     _print_table(results, console)
     if args.json:
         with open(args.json, "w") as out:
