@@ -37,7 +37,6 @@ results = Console()
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate a reply to ``--prompt``, streamed to stdout; one line of stats to stderr."""
-    from quickdraft.bench.run import weights_mode
     from quickdraft.devices import dtype_name
     from quickdraft.engine import Engine, check_max_new_tokens, check_prompt
     from quickdraft.types import SamplingParams
@@ -56,7 +55,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stats = run.result().stats
     console.print(f"[dim]{stats.new_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, tau {stats.tau:.2f}, "
                   f"drafter {stats.drafter}, dtype {dtype_name(engine.dtype)}, "
-                  f"weights {weights_mode(engine)}[/dim]")
+                  f"weights {engine.loaded.weights}[/dim]")
     return 0
 
 

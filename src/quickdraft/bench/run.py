@@ -35,8 +35,7 @@ def engine_settings(engine: Any) -> dict[str, Any]:
 def weights_mode(engine: Any) -> str | None:
     """The weights mode ``engine``'s model holds (``dense``, ``int8`` or ``int4``; ``auto`` resolved;
     :mod:`quickdraft.models.quantized`); None for a model built in memory, whose mode is not recorded."""
-    key = getattr(engine.loaded, "cache_key", None) or {}
-    return key.get("weights")
+    return getattr(engine.loaded, "weights", None)
 
 
 def run_bench(

@@ -48,6 +48,12 @@ class LoadedModel:
     #: What the target's weights depend on (:func:`model_key`); None for a model built in memory.
     cache_key: dict[str, str] | None = None
 
+    @property
+    def weights(self) -> str | None:
+        """The weights mode the target holds (``dense``, ``int8`` or ``int4``; ``auto`` resolved); None for a
+        model built in memory, whose mode is not recorded."""
+        return (self.cache_key or {}).get("weights")
+
     def cost_curve(self) -> CostCurve:
         """The target's verification cost curve on this hardware: measured once (a few seconds), and kept in
         the cache per model and machine where the model has a ``cache_key``."""

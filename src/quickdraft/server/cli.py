@@ -65,7 +65,7 @@ def serve_main(args: argparse.Namespace) -> int:
         budget = ("measuring the verification cost curve..." if args.draft_budget is None
                   else f"fixed draft budget {args.draft_budget}")
         console.print(f"[dim]model {engine.model_path} ({dtype_name(engine.dtype)}, weights "
-                      f"{args.weights}), drafter {args.drafter}, max batch {args.max_batch}; {budget}[/dim]")
+                      f"{engine.loaded.weights}), drafter {args.drafter}, max batch {args.max_batch}; {budget}[/dim]")
         scheduler = _start_scheduler(engine, options, args, threads)
     except BaseException:
         listener.close()
