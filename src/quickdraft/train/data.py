@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from quickdraft.engine import eos_token_ids
 from quickdraft.errors import InvalidRequestError
 from quickdraft.models.loading import LoadedModel
 from quickdraft.models.native_session import NativeSession, verify_batch
@@ -139,7 +140,7 @@ def magpie_prompts(loaded: LoadedModel, count: int, batch_size: int, seed: int =
     a model without a chat template, continuations sampled from a random token."""
     tokenizer = loaded.tokenizer
     prefix = magpie_prefix(tokenizer)
-    eos = _eos_ids(tokenizer)
+    eos = set(eos_token_ids(tokenizer, loaded.hf_model))
     generator = torch.Generator().manual_seed(seed)
     prompts: list[list[int]] = []
     while len(prompts) < count:
@@ -158,17 +159,6 @@ def magpie_prompts(loaded: LoadedModel, count: int, batch_size: int, seed: int =
     return prompts
 
 
-def _eos_ids(tokenizer: Any) -> set[int]:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    end_turn = getattr(tokenizer, "convert_tokens_to_ids", None)
-    if end_turn is not None and getattr(tokenizer, "chat_template", None):
-        token = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(token, int) and token >= 0 and token != getattr(tokenizer, "unk_token_id", None):
-            ids.add(token)
-    return ids
-
-
 @torch.inference_mode()
 def collect(loaded: LoadedModel, prompts: list[list[int]], layers: list[int], max_new_tokens: int,
             batch_size: int, progress: Any = None, seconds: float | None = None) -> list[Sample]:
@@ -181,7 +171,7 @@ def collect(loaded: LoadedModel, prompts: list[list[int]], layers: list[int], ma
         raise InvalidRequestError("training a head needs the native forward (the Llama family)")
     top = target.num_layers - 1
     wanted = tuple(sorted({top, *[layer for layer in layers if layer >= 0]}))
-    eos = _eos_ids(loaded.tokenizer)
+    eos = set(eos_token_ids(loaded.tokenizer, loaded.hf_model))
     samples = []
     for first in range(0, len(prompts), batch_size):
         if deadline is not None and time.monotonic() > deadline:
