@@ -197,6 +197,19 @@ def test_auto_times_dense_and_int4_in_turns(monkeypatch):
     assert mode == "dense" and seconds == {"dense": 1, "int4": 2}  # the best round of each
 
 
+def test_auto_times_every_layer_that_fits_its_byte_budget(monkeypatch):
+    hf_model = tiny_hf_model("llama")
+    layers = hf_model.model.layers
+    stacks = quantized._timed_layer_stacks(hf_model, torch.bfloat16)
+    assert len(stacks) == 4 * len(layers)  # a small model: every layer, not one layer timed over and over
+    assert stacks[-1] == [layers[-1].mlp.down_proj]
+    per_layer = sum(m.weight.numel() for stack in stacks[:4] for m in stack) * 2
+    monkeypatch.setattr(quantized, "AUTO_BYTES", per_layer + 1)
+    assert len(quantized._timed_layer_stacks(hf_model, torch.bfloat16)) == 4
+    monkeypatch.setattr(quantized, "AUTO_BYTES", 1)  # not even one layer fits: the first is timed still
+    assert len(quantized._timed_layer_stacks(hf_model, torch.bfloat16)) == 4
+
+
 def test_auto_choice_is_measured_once_per_model_and_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("QUICKDRAFT_CACHE", str(tmp_path / "cache"))
     model_file = tmp_path / "m.gguf"

@@ -55,6 +55,8 @@ QUANTIZED_MODES = ("int8", "int4")
 AUTO_ROWS = (1, 4)
 #: Rounds of :func:`fastest_mode`; each times every candidate once.
 AUTO_ROUNDS = 12
+#: How many bytes of dense weights :func:`fastest_mode` times at most (whole decoder layers, from the first).
+AUTO_BYTES = 256 * 2**20
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ def holder_for(mode: str, path: Path, hf_model: torch.nn.Module, dtype_name: str
     anything else is used as asked.
 
     ``auto`` on a GGUF file with int4 tensors picks whichever of ``dense`` and ``int4`` (the choices that keep
-    the file's own weights) runs a layer's linears and the output layer faster on this CPU (:func:`fastest_mode`,
+    the file's own weights) runs the linears faster on this CPU (:func:`fastest_mode`,
     measured once per model and machine and cached); on anything else, or off CPU, it is ``dense``."""
     quantized_dtype = torch.bfloat16 if dtype_name == "auto" else dense_dtype
     gguf = path.is_file() and path.suffix == ".gguf"
@@ -371,7 +373,7 @@ def cached_fastest_mode(path: Path, hf_model: torch.nn.Module, groups: Callable[
     from quickdraft import cache
 
     key = {**cache.source_key(path), **cache.machine_key("cpu"), "quantized_dtype": str(quantized_dtype),
-           "dense_dtype": str(dense_dtype)}
+           "dense_dtype": str(dense_dtype), "timed": "layers within AUTO_BYTES"}
 
     def write(folder: Path) -> None:
         found = groups()
@@ -389,13 +391,14 @@ def cached_fastest_mode(path: Path, hf_model: torch.nn.Module, groups: Callable[
 
 def fastest_mode(hf_model: torch.nn.Module, groups: dict[torch.nn.Module, Int4Groups],
                  quantized_dtype: torch.dtype, dense_dtype: torch.dtype) -> tuple[str, dict[str, float]]:
-    """``dense`` or ``int4``: which runs layer 0's linears and the output layer faster, summed over
-    :data:`AUTO_ROWS` rows, and the seconds of each. The two are timed in turns, best of several rounds, so
-    that load from elsewhere on the machine slows both alike instead of whichever ran during it."""
-    layer = hf_model.model.layers[0]
-    attn, mlp = layer.self_attn, layer.mlp
-    stacks = [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj],
-              [mlp.down_proj], [hf_model.lm_head]]
+    """``dense`` or ``int4``: which runs the decoder layers' linears and the output layer faster, summed over
+    :data:`AUTO_ROWS` rows, and the seconds of each. The layers timed are as many as fit in
+    :data:`AUTO_BYTES` of dense weights (all of a small model's): as in a forward, each product then reads
+    its weights from memory, not from the cache where the previous call left them (timing one layer over and
+    over measured int4 and dense bfloat16 alike on an AMX CPU, where a whole forward runs int4 twice as fast).
+    The two are timed in turns, best of several rounds, so that load from elsewhere on the machine slows both
+    alike instead of whichever ran during it."""
+    stacks = [*_timed_layer_stacks(hf_model, dense_dtype), [hf_model.lm_head]]
     widths = [stack[0].in_features for stack in stacks]
     quantized = QuantizedWeights(quantized_dtype, groups)
     candidates = {
@@ -406,8 +409,25 @@ def fastest_mode(hf_model: torch.nn.Module, groups: dict[torch.nn.Module, Int4Gr
     for _ in range(AUTO_ROUNDS):
         for mode, (linears, dtype) in candidates.items():
             best[mode] = min(best[mode], _cost(linears, widths, dtype))
-    log.info("weights auto: seconds for layer 0 and the output layer at rows %s: %s", AUTO_ROWS, best)
+    log.info("weights auto: seconds for %d linears and the output layer at rows %s: %s", len(stacks) - 1,
+             AUTO_ROWS, best)
     return min(best, key=best.get), best
+
+
+def _timed_layer_stacks(hf_model: torch.nn.Module, dtype: torch.dtype) -> list[list[torch.nn.Linear]]:
+    """The decoder layers' linears, fused as the native forward fuses them, from the first layer on while
+    their weights in ``dtype`` fit in :data:`AUTO_BYTES` (at least one layer)."""
+    stacks: list[list[torch.nn.Linear]] = []
+    size = 0
+    for layer in hf_model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        own = [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj],
+               [mlp.down_proj]]
+        size += sum(m.weight.numel() for stack in own for m in stack) * dtype.itemsize
+        if stacks and size > AUTO_BYTES:
+            break
+        stacks.extend(own)
+    return stacks
 
 
 def _cost(linears: list[StackedLinear], widths: list[int], dtype: torch.dtype) -> float:
