@@ -3,6 +3,7 @@ forward equals a dense forward of the same dequantized weights, its rows are row
 greedy output equals plain decoding on the quantized target (tiny random models)."""
 
 import copy
+import platform
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 from quickdraft.drafters import available_drafters
 from quickdraft.engine import Engine
 from quickdraft.heads import new_head
-from quickdraft.models import gguf_blocks, quantized
+from quickdraft.models import gguf_blocks, int4_layout, quantized
 from quickdraft.models.gguf_blocks import Int4Groups, int4_groups
 from quickdraft.models.loading import LoadedModel
 from quickdraft.models.native import NativeCausalLM
@@ -156,6 +157,55 @@ def test_quantized_rows_equal_the_same_rows_computed_alone(kind):
     alone = torch.cat([linear(x[:, i:i + 1]) for i in range(70)], dim=1)
     for rows in (2, 3, 16, 31, 32, 33, 70):
         assert torch.equal(linear(x[:, :rows], row_exact=True), alone[:, :rows]), rows
+
+
+@pytest.mark.parametrize("rows, columns", [(64, 32), (128, 576), (192, 64)])
+def test_packed_int4_codes_read_back_exactly(rows, columns):
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert int4_layout.packed_block() in (64, 32)  # PyTorch's AVX-512 and AVX2 layouts are known
+    elif int4_layout.packed_block() is None:
+        pytest.skip("this CPU packs int4 codes in a layout quickdraft does not read back")
+    codes = torch.randint(0, 16, (rows, columns), dtype=torch.int32, generator=torch.Generator().manual_seed(rows))
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert torch.equal(int4_layout.unpacked_codes(packed, rows, columns).int(), codes)
+    tail = torch._convert_weight_to_int4pack_for_cpu(codes[:rows - 16], 1)
+    assert int4_layout.unpacked_codes(tail, rows - 16, columns) is None  # a tail block has another format
+
+
+def wide_int4_linear(rows: int = 128, columns: int = 256) -> Int4Linear:
+    weight = torch.randn(rows, columns, generator=torch.Generator().manual_seed(1)) * 0.05
+    raw = quantize(weight.numpy(), GGMLQuantizationType.Q4_1)
+    return Int4Linear(int4_groups(raw, GGMLQuantizationType.Q4_1), [rows], None, torch.float32)
+
+
+def test_a_wide_product_that_need_not_be_row_exact_multiplies_the_dequantized_weights(monkeypatch):
+    linear = wide_int4_linear()
+    if linear.dequantized_weight() is None:
+        pytest.skip("this CPU packs int4 codes in a layout quickdraft does not read back")
+    kernel_weights = linear.dequantized()  # read back through the kernel itself
+    assert torch.allclose(linear.dequantized_weight(), kernel_weights, rtol=1e-6, atol=1e-8)
+    x = torch.randn(1, quantized.WIDE_ROWS, 256)
+    kernel_rows = []
+    monkeypatch.setattr(Int4Linear, "_product", lambda self, x: kernel_rows.append(x.shape[-2]) or x @ kernel_weights.T)
+    wide = linear(x)
+    assert kernel_rows == []  # no kernel call
+    assert torch.allclose(wide, x @ kernel_weights.T, atol=1e-5)
+    linear(x, row_exact=True)  # row-exact: the kernel, in pieces
+    assert kernel_rows == [quantized.ROW_INVARIANT_ROWS] * (quantized.WIDE_ROWS // quantized.ROW_INVARIANT_ROWS)
+    linear(x[:, 1:])  # fewer rows than WIDE_ROWS: the kernel, whole
+    assert kernel_rows[-1] == quantized.WIDE_ROWS - 1
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_long_prompt_forward_equals_a_dense_forward_of_the_same_weights(mode):
+    hf_model = tiny_hf_model("llama")
+    groups = q4_1_groups(hf_model) if mode == "int4" else {}
+    reference = NativeCausalLM(dequantized_twin(hf_model, groups, torch.float32))
+    model = NativeCausalLM(hf_model, QuantizedWeights(torch.float32, groups))
+    ids = (PROMPTS[1] * 20)[: quantized.WIDE_ROWS + 5]
+    expected = reference.new_session(256).prefill(ids)
+    got = model.new_session(256).prefill(ids)
+    assert (got - expected).abs().max().item() < FLOAT32_TOLERANCE
 
 
 def test_q_and_k_in_int4_and_v_in_int8_are_computed_apart_and_concatenated():

@@ -64,15 +64,20 @@ class StackedLinear:
         self.bias = bias
 
     def __call__(self, x: torch.Tensor, row_exact: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """``x [..., rows, in]`` times the weight; ``row_exact``: each row bit for bit as if it came alone."""
-        limit = self.exact_rows
-        if row_exact and limit is not None and x.shape[-2] > limit:
-            out = torch.cat([self._product(piece) for piece in x.split(limit, dim=-2)], dim=-2)
-        else:
-            out = self._product(x)
+        """``x [..., rows, in]`` times the weight, one output per layer (:meth:`whole` split); ``row_exact``:
+        each row bit for bit as if it came alone."""
+        out = self.whole(x, row_exact)
         if len(self.sizes) == 1:
             return out
         return out.split(self.sizes, dim=-1)
+
+    def whole(self, x: torch.Tensor, row_exact: bool = False) -> torch.Tensor:
+        """``x [..., rows, in]`` times the stacked weight: ``[..., rows, sum(sizes)]``, the layers' outputs
+        side by side."""
+        limit = self.exact_rows
+        if row_exact and limit is not None and x.shape[-2] > limit:
+            return torch.cat([self._product(piece) for piece in x.split(limit, dim=-2)], dim=-2)
+        return self._product(x)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., rows, in]`` times the stacked weight, plus the bias: ``[..., rows, sum(sizes)]``."""

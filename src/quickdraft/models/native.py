@@ -110,7 +110,7 @@ class NativeCausalLM(TargetModel):
         attend) or None for causal attention. Logits are computed for ``logit_rows`` of the T rows only.
         ``rows``: the cache rows the batch occupies (default: all of them)."""
         hidden = self.embed_tokens(input_ids.to(self.device))
-        cos, sin = self.rotary(hidden, positions.to(self.device))
+        rotation = Rotation.of(*self.rotary(hidden, positions.to(self.device)))
         row_exact = mask is not None or input_ids.shape[1] == 1
         place = Placement.of(cache, start, input_ids.shape, rows, row_exact)
         attn_mask = None
@@ -120,7 +120,7 @@ class NativeCausalLM(TargetModel):
         collected: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.layers):
             if index not in skip_layers:
-                hidden = self._decoder_layer(layer, index, hidden, cos, sin, cache, place, attn_mask)
+                hidden = self._decoder_layer(layer, index, hidden, rotation, cache, place, attn_mask)
             if index in hidden_layers:
                 collected[index] = hidden
         normed = self.final_norm(hidden[:, logit_rows])
@@ -128,25 +128,18 @@ class NativeCausalLM(TargetModel):
             collected[-1] = normed
         return BatchForwardOutput(self.output_projection(normed, place.row_exact).float(), collected)
 
-    def _decoder_layer(self, layer, index, hidden, cos, sin, cache, place, attn_mask) -> torch.Tensor:
+    def _decoder_layer(self, layer, index, hidden, rotation, cache, place, attn_mask) -> torch.Tensor:
         linears = self.layer_linears[index]
         residual = hidden
-        attended = self._attention(layer.self_attn, linears, layer.input_layernorm(hidden), index, cos, sin, cache,
+        attended = self._attention(layer.self_attn, linears, layer.input_layernorm(hidden), index, rotation, cache,
                                    place, attn_mask)
         hidden = residual + attended
         gate, up = linears.gate_up(layer.post_attention_layernorm(hidden), place.row_exact)
         return hidden + linears.down(F.silu(gate) * up, place.row_exact)
 
-    def _attention(self, attn, linears, x, index, cos, sin, cache, place, attn_mask) -> torch.Tensor:
+    def _attention(self, attn, linears, x, index, rotation, cache, place, attn_mask) -> torch.Tensor:
         batch, length, _ = x.shape
-        q, k, v = linears.qkv(x, place.row_exact)
-        q = q.view(batch, length, self.num_heads, self.head_dim)
-        k = k.view(batch, length, self.num_kv_heads, self.head_dim)
-        v = v.view(batch, length, self.num_kv_heads, self.head_dim)
-        if getattr(attn, "q_norm", None) is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+        q, k, v = self._rotated_qkv(attn, linears.qkv.whole(x, place.row_exact), rotation)
         if place.slots is None:
             cache.write(index, k, v, place.start, place.rows)
         else:
@@ -161,6 +154,20 @@ class NativeCausalLM(TargetModel):
             out = attention_call(q, keys, values, None, True)
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return linears.o(out, place.row_exact)
+
+    def _rotated_qkv(self, attn, qkv: torch.Tensor, rotation: Rotation) -> tuple[torch.Tensor, ...]:
+        """Queries, keys and values ``[B, heads, T, head_dim]`` from the fused product ``qkv [B, T, (heads +
+        2 kv_heads) * head_dim]``, queries and keys rotated (in one call where no q/k norm comes first)."""
+        batch, length, _ = qkv.shape
+        heads = qkv.view(batch, length, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        query_key = heads[:, :, : self.num_heads + self.num_kv_heads]
+        if getattr(attn, "q_norm", None) is not None:
+            query_key = torch.cat([attn.q_norm(query_key[:, :, : self.num_heads]),
+                                   attn.k_norm(query_key[:, :, self.num_heads :])], dim=2)
+        query_key = rotation.apply(query_key)
+        q, k = query_key[:, :, : self.num_heads], query_key[:, :, self.num_heads :]
+        v = heads[:, :, self.num_heads + self.num_kv_heads :]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -187,8 +194,24 @@ class BatchForwardOutput:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+@dataclass(frozen=True)
+class Rotation:
+    """The rotary embedding of one forward's positions, applied to queries and keys together: ``x * cos +
+    rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]`` (the halves of the last dimension), computed as
+    ``x * cos + [x2, x1] * signed_sin`` with ``signed_sin = [-sin1, sin2]``, which rounds the same (a sign is
+    exact). ``cos``, ``signed_sin``: ``[B, T, 1, head_dim]``."""
+
+    cos: torch.Tensor
+    signed_sin: torch.Tensor
+
+    @classmethod
+    def of(cls, cos: torch.Tensor, sin: torch.Tensor) -> Rotation:
+        """From the rotary module's ``cos``, ``sin`` ``[B, T, head_dim]``."""
+        half = sin.shape[-1] // 2
+        signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        return cls(cos.unsqueeze(2), signed.unsqueeze(2))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, T, heads, head_dim]`` rotated."""
+        swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+        return x * self.cos + swapped * self.signed_sin

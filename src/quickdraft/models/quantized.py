@@ -22,6 +22,12 @@ kernels give each row bit for bit as computed alone (measured: ``results/native-
 layer is quantized too; where it shares its weight with the token embedding (tied), the embedding reads rows
 of the same int8 table.
 
+A product of at least :data:`WIDE_ROWS` rows that need not be row-exact (a prompt's first forward) is computed
+with the layer's weights dequantized to the activation dtype for that call, one layer at a time: the kernels
+compute each row on their own, and a 1000-token prompt took several times longer through them than its
+dequantization and a dense product (:mod:`quickdraft.models.int4_layout`). Such a forward rounds otherwise
+than the kernels; it was never row-exact.
+
 The transformers model's float copies of the quantized weights are freed once packed (:meth:`release`):
 afterwards that model's linears raise if called; the native target is the model.
 """
@@ -38,8 +44,10 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from quickdraft.models.gguf_blocks import GROUP, INT4_TYPES, Int4Groups, int4_groups
+from quickdraft.models.int4_layout import unpacked_codes
 from quickdraft.models.layouts import (
     ROW_INVARIANT_ROWS,
     DenseWeights,
@@ -53,6 +61,8 @@ WEIGHT_MODES = ("dense", "int8", "int4", "auto")
 DEFAULT_WEIGHTS = "auto"
 QUANTIZED_MODES = ("int8", "int4")
 AUTO_ROWS = (1, 4)
+#: The fewest rows of a product that is not row-exact computed with dequantized weights (module docstring).
+WIDE_ROWS = 128
 #: Rounds of :func:`fastest_mode`; each times every candidate once.
 AUTO_ROUNDS = 12
 #: How many bytes of dense weights :func:`fastest_mode` times at most (whole decoder layers, from the first).
@@ -183,10 +193,26 @@ class QuantizedWeights:
             self.packed.save()
 
 
-class Int8Linear(StackedLinear):
-    """Stacked weights ``[out, in]`` as int8 per output channel (module docstring)."""
+class QuantizedLinear(StackedLinear):
+    """Stacked weights in a quantized form with a kernel of its own (:meth:`_product`); a product of at least
+    :data:`WIDE_ROWS` rows that need not be row-exact multiplies the dequantized weights instead."""
 
     exact_rows = ROW_INVARIANT_ROWS
+
+    def whole(self, x: torch.Tensor, row_exact: bool = False) -> torch.Tensor:
+        if not row_exact and x.numel() >= WIDE_ROWS * x.shape[-1]:
+            weight = self.dequantized_weight()
+            if weight is not None:
+                return F.linear(x, weight.to(x.dtype), self.bias)
+        return super().whole(x, row_exact)
+
+    def dequantized_weight(self) -> torch.Tensor | None:
+        """The weights ``[out, in]`` in float32, or None where they cannot be read back cheaply."""
+        raise NotImplementedError
+
+
+class Int8Linear(QuantizedLinear):
+    """Stacked weights ``[out, in]`` as int8 per output channel (module docstring)."""
 
     def __init__(self, weight: torch.Tensor, sizes: Sequence[int], bias: torch.Tensor | None,
                  dtype: torch.dtype) -> None:
@@ -198,12 +224,14 @@ class Int8Linear(StackedLinear):
         out = torch._weight_int8pack_mm(_flat(x), self.codes, self.scales)
         return _shaped(out, x, self.bias)
 
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.codes.float() * self.scales.float().unsqueeze(1)
 
-class Int4Linear(StackedLinear):
+
+class Int4Linear(QuantizedLinear):
     """Stacked weights as int4 groups of 32 (:class:`~quickdraft.models.gguf_blocks.Int4Groups`), packed for
-    ``torch._weight_int4pack_mm_for_cpu``; scales and zeros in the activation dtype."""
-
-    exact_rows = ROW_INVARIANT_ROWS
+    ``torch._weight_int4pack_mm_for_cpu``; scales and zeros in the activation dtype. The kernel's weight is
+    ``(code - 8) * scale + zero``."""
 
     def __init__(self, groups: Int4Groups, sizes: Sequence[int], bias: torch.Tensor | None,
                  dtype: torch.dtype) -> None:
@@ -216,6 +244,16 @@ class Int4Linear(StackedLinear):
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         out = torch._weight_int4pack_mm_for_cpu(_flat(x), self.packed, GROUP, self.scales_and_zeros)
         return _shaped(out, x, self.bias)
+
+    def dequantized_weight(self) -> torch.Tensor | None:
+        """From the packed codes (:func:`~quickdraft.models.int4_layout.unpacked_codes`); None where their
+        layout is not known here."""
+        groups, rows = self.scales_and_zeros.shape[:2]
+        codes = unpacked_codes(self.packed, rows, groups * GROUP)
+        if codes is None:
+            return None
+        scales, zeros = self.scales_and_zeros.float().permute(2, 1, 0).unsqueeze(-1)  # each [out, in / 32, 1]
+        return ((codes.view(rows, groups, GROUP).float() - 8) * scales + zeros).view(rows, groups * GROUP)
 
     def dequantized(self) -> torch.Tensor:
         """The weights ``[out, in]`` the kernel multiplies by, read back through the kernel itself (a product
@@ -247,6 +285,9 @@ class ConcatenatedLinear(StackedLinear):
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([part._product(x) for part in self.parts], dim=-1)
+
+    def whole(self, x: torch.Tensor, row_exact: bool = False) -> torch.Tensor:
+        return torch.cat([part.whole(x, row_exact) for part in self.parts], dim=-1)
 
 
 class Int8Embedding:
