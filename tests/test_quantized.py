@@ -196,6 +196,20 @@ def test_a_wide_product_that_need_not_be_row_exact_multiplies_the_dequantized_we
     assert kernel_rows[-1] == quantized.WIDE_ROWS - 1
 
 
+@pytest.mark.parametrize("native_bf16, computed_in", [(True, torch.bfloat16), (False, torch.float32)])
+def test_a_wide_bfloat16_product_runs_in_float32_where_the_cpu_lacks_bfloat16(monkeypatch, native_bf16,
+                                                                              computed_in):
+    linear = wide_int4_linear()
+    if linear.dequantized_weight() is None:
+        pytest.skip("this CPU packs int4 codes in a layout quickdraft does not read back")
+    monkeypatch.setattr(quantized, "cpu_has_native_bf16", lambda: native_bf16)
+    seen = []
+    dense = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: seen.append(x.dtype) or dense(x, w, b))
+    out = linear(torch.randn(1, quantized.WIDE_ROWS, 256, dtype=torch.bfloat16))
+    assert seen == [computed_in] and out.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_a_long_prompt_forward_equals_a_dense_forward_of_the_same_weights(mode):
     hf_model = tiny_hf_model("llama")

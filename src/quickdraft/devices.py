@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -20,9 +21,10 @@ def synchronize(device: torch.device | str | None) -> None:
         torch.cuda.synchronize(device)
 
 
+@functools.cache
 def cpuinfo() -> dict[str, str]:
     """The first processor's fields in /proc/cpuinfo (``model name``, ``flags``, ...); empty where there is
-    none (macOS, Windows)."""
+    none (macOS, Windows). Read once per process (callers must not change the dict)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

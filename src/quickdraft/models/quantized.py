@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from quickdraft.devices import cpu_has_native_bf16
 from quickdraft.models.gguf_blocks import GROUP, INT4_TYPES, Int4Groups, int4_groups
 from quickdraft.models.int4_layout import unpacked_codes
 from quickdraft.models.layouts import (
@@ -203,12 +204,21 @@ class QuantizedLinear(StackedLinear):
         if not row_exact and x.numel() >= WIDE_ROWS * x.shape[-1]:
             weight = self.dequantized_weight()
             if weight is not None:
-                return F.linear(x, weight.to(x.dtype), self.bias)
+                return _dense_product(x, weight, self.bias)
         return super().whole(x, row_exact)
 
     def dequantized_weight(self) -> torch.Tensor | None:
         """The weights ``[out, in]`` in float32, or None where they cannot be read back cheaply."""
         raise NotImplementedError
+
+
+def _dense_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x [..., rows, in]`` times the float32 ``weight [out, in]``, in ``x``'s dtype where the CPU computes it
+    natively, else in float32 (bfloat16 products without AVX-512 BF16 or AMX are slow); returned in ``x``'s
+    dtype."""
+    dtype = x.dtype if x.dtype != torch.bfloat16 or cpu_has_native_bf16() else torch.float32
+    out = F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    return out.to(x.dtype)
 
 
 class Int8Linear(QuantizedLinear):
